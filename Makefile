@@ -1,0 +1,34 @@
+# Set-up and everyday commands. Each target creates the virtual environment first if it is missing or stale.
+#   make demo    prepare a real music corpus, train PoPE and RoPE on CPU, compare them
+#   make test    the whole test suite (what CI runs)
+#   make bench   the benchmarks under bench/
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# Every pip command carries the constraints file: it pins torch so no dependency swaps in a CUDA build.
+PIP     = $(PY) -m pip install --quiet --constraint constraints.txt
+STAMP   = $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) torch
+	$(PIP) --editable ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/pope demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

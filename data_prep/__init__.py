@@ -1,0 +1,1 @@
+"""Turning raw corpora into mosaicml-streaming shards of token sequences (`pope prep`)."""

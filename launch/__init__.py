@@ -1,0 +1,1 @@
+"""Entry points: the `pope` command, the local launcher and SLURM submission."""

@@ -1,0 +1,1 @@
+"""pope-pretrain's training library: config, position encodings, model, data loading, the training loop."""

@@ -1,0 +1,374 @@
+"""Typed experiment configuration: nested dataclasses, loaded from YAML, overridden from the command line.
+
+A config file is a YAML mapping whose top-level keys are the sections below (plus `name`, `seed`, `run_dir`).
+It may start with `inherit: other.yaml` (or a list of files, paths relative to the file): those are loaded first
+and this file's keys are merged over them, which is how every RoPE twin is "its PoPE config, one key changed".
+Overrides on the command line are `section.key=value`, the value read as YAML (`optim.lr=3e-4`,
+`model.position=rope`, `launch.nproc=2`).
+
+Every error (unknown key, wrong type, value out of range) is a ConfigError naming the key and, where there is a
+closed set, the valid choices. This module imports no torch, so the CLI can validate a config instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The decoder-only transformer (pipeline/model.py)."""
+
+    vocab_size: int = 50257  # 0: take it from the dataset's manifest at train time
+    d_model: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    max_seq_len: int = 1024  # longest sequence the model accepts (learned positions are this long)
+    dropout: float = 0.0
+    bias: bool = False  # biases in the linear layers
+    mlp_ratio: int = 4
+    position: Literal["pope", "rope", "none", "learned"] = "pope"
+    position_base: float = 10000.0  # base wavelength of PoPE and RoPE frequencies
+    pope_delta_init: Literal["zero", "uniform"] = "zero"  # PoPE's key phase bias δ: 0, or U(-2π, 0)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are and how batches are cut from them (pipeline/data.py)."""
+
+    path: str = ""  # a `pope prep` output folder (holds manifest.json and DONE)
+    train_split: str = "train"
+    val_split: str = "val"
+    seq_len: int = 1024  # tokens fed to the model per sample (targets are shifted by one)
+    batch_size: int = 64  # global: sequences per optimizer step, all processes together
+    micro_batch_size: int = 8  # sequences per process per forward/backward; the rest is gradient accumulation
+    shuffle_seed: int = 1234
+    num_workers: int = 1
+    num_canonical_nodes: int = 1  # fixed, so the sample order does not depend on the world size
+    loss_on: Literal["all", "last"] = "all"  # "last": loss on each sample's final token only (indirect indexing)
+    reverse_complement: float = 0.0  # genome: probability of training on a sample's reverse complement
+    transpose: bool = False  # music (JSB): random ±3 semitone transposition of train samples
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay applies to matrices only (not norms, δ or embeddings)."""
+
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then decay to min_lr_ratio × lr at the last step."""
+
+    max_steps: int = 100_000
+    warmup_steps: int = 1000
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON, for anything else
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # steps between validation passes (0: only at the end)
+    max_batches: int = 50  # micro-batches per process per pass (0: the whole split)
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 1  # processes on this machine (local launcher), or tasks per node on a CPU cluster
+    executor: Literal["local", "slurm"] = "local"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 1337
+    run_dir: str = "runs"  # the run lives in run_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A file path as given, or a name under the project's configs/ folder (`paper/owt_124m_pope`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / path, CONFIGS_DIR / path.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name_or_path} (looked here and under {CONFIGS_DIR})")
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (following `inherit`), apply `section.key=value` overrides, validate."""
+    raw = _read_yaml_tree(resolve_config_path(name_or_path), seen=())
+    config = from_dict(raw)
+    config = apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: inherit cycle through {' -> '.join(str(p) for p in seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    parents = data.pop("inherit", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        merged = _deep_merge(merged, _read_yaml_tree(path.parent / parent, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "extra":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a Config from nested plain data, checking every key and type."""
+    return _build(Config, data, prefix="")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def config_hash(section: Any) -> str:
+    """A stable short hash of a config or one of its sections (used to refuse mismatched resumes)."""
+    payload = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply `section.key=value` strings (value read as YAML) and return a new Config."""
+    data = to_dict(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(data, key.strip(), value)
+    return from_dict(data)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        here = ".".join(parts[: depth + 1])
+        if names is not None and part not in names:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"unknown config key '{here}'; valid keys in {where}: {', '.join(names)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        if names is not None:
+            cls = _hints(cls)[part]
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"config key '{here}' is not a section; set it as {here}=value")
+            node = node[part]
+        else:  # inside a free-form dict such as deepspeed.extra
+            node = node.setdefault(part, {})
+            cls = dict
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys in {where}: {', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently convert) one value against its annotation."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"config key '{key}' expects true or false; got {value!r}")
+    if hint is int:
+        number = _as_number(value)
+        if number is None or number != int(number):
+            raise ConfigError(f"config key '{key}' expects an integer; got {value!r}")
+        return int(number)
+    if hint is float:
+        number = _as_number(value)
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects a number; got {value!r}")
+        return float(number)
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string; got {value!r}")
+    if hint is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' expects a mapping; got {value!r}")
+        return dict(value)
+    if hint is list or origin is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"config key '{key}' expects a list; got {value!r}")
+        return list(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {hint!r}")  # a bug in this module
+
+
+def _as_number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):  # PyYAML reads 6e-4 and 1e5 as strings (YAML 1.1)
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, d = config.model, config.data
+    _check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the dataset)")
+    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "mlp_ratio"):
+        _check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+    _check(m.d_model % m.n_heads == 0, "model.d_model", f"({m.d_model}) must be divisible by n_heads ({m.n_heads})")
+    head_dim = m.d_model // m.n_heads
+    _check(m.position != "rope" or head_dim % 2 == 0, "model.position", f"rope needs an even head dim, got {head_dim}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(m.position_base > 1.0, "model.position_base", "must be > 1")
+    _check(d.seq_len > 0, "data.seq_len", "must be > 0")
+    _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    _check(d.batch_size > 0 and d.micro_batch_size > 0, "data.batch_size", "and micro_batch_size must be > 0")
+    _check(d.batch_size % d.micro_batch_size == 0, "data.batch_size",
+           f"({d.batch_size}) must be a multiple of data.micro_batch_size ({d.micro_batch_size})")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.num_canonical_nodes > 0, "data.num_canonical_nodes", "must be > 0")
+    _check(0.0 <= d.reverse_complement <= 1.0, "data.reverse_complement", "is a probability in [0, 1]")
+    o, s = config.optim, config.schedule
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "and beta2 must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
+    _check(s.max_steps > 0, "schedule.max_steps", "must be > 0")
+    _check(0 <= s.warmup_steps <= s.max_steps, "schedule.warmup_steps", "must be in [0, max_steps]")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+    _check(config.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
+           f"must be one of 0, 1, 2, 3; got {config.deepspeed.zero_stage}")
+    _check(config.checkpoint.every > 0, "checkpoint.every", "must be > 0")
+    _check(config.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
+    _check(config.logging.log_every > 0, "logging.log_every", "must be > 0")
+    _check(config.eval.every >= 0 and config.eval.max_batches >= 0, "eval.every", "and eval.max_batches must be >= 0")
+    _check(config.launch.nproc > 0, "launch.nproc", "must be > 0")
+    _check(bool(config.name) and "/" not in config.name, "name", f"must be a non-empty folder name; got {config.name!r}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
