@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a resolved config and its parameter count")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    from launch.prep_cli import add_prep_parser
+
+    add_prep_parser(sub)
     return parser
 
 

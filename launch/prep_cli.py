@@ -1,0 +1,129 @@
+"""`pope prep <corpus>`: argument parsing only; the work is in data_prep/<corpus>.py."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_prep.parallel import PrepOptions
+
+
+def _common(parser: argparse.ArgumentParser, seq_len: int) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output folder (DIR/train, DIR/val, manifest, DONE)")
+    parser.add_argument("--seq-len", type=int, default=seq_len,
+                        help=f"model context; each sample holds up to seq_len+1 tokens (default {seq_len})")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    parser.add_argument("--shard-index", type=int, default=0, help="process part i of --num-shards (job arrays)")
+    parser.add_argument("--num-shards", type=int, default=1, help="split the inputs into this many parts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, different output")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01,
+                        help="fail when more than this fraction of inputs are bad (default 0.01)")
+    parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _options(args: argparse.Namespace) -> PrepOptions:
+    return PrepOptions(workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards,
+                       overwrite=args.overwrite, max_skip_fraction=args.max_skip_fraction,
+                       compression=args.compression, progress=not args.no_progress)
+
+
+def _report(out: Path, manifest: dict | None) -> int:
+    if manifest is None:
+        print(f"{out}: already prepared with these arguments; nothing to do (--overwrite to redo)")
+        return 0
+    counts = ", ".join(f"{split} {c['samples']:,} samples / {c['tokens']:,} tokens"
+                       for split, c in manifest["splits"].items())
+    print(f"{out}: {counts}; vocab {manifest['vocab_size']}; {len(manifest['skipped'])} inputs skipped")
+    return 0
+
+
+def cmd_text(args: argparse.Namespace) -> int:
+    from data_prep.text import prep_text
+
+    return _report(args.out, prep_text(
+        args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        tokenizer_model=args.tokenizer_model, gpt2_vocab=args.gpt2_vocab, gpt2_merges=args.gpt2_merges,
+        tokenizer_sample_docs=args.tokenizer_sample_docs, val_fraction=args.val_fraction, text_field=args.text_field,
+        seed=args.seed, seq_len=args.seq_len, options=_options(args)))
+
+
+def cmd_genome(args: argparse.Namespace) -> int:
+    from data_prep.genome import prep_genome
+
+    return _report(args.out, prep_genome(
+        args.fasta, args.out, bed=args.bed, tokenizer=args.tokenizer, val_chroms=args.val_chroms,
+        test_chroms=args.test_chroms, seq_len=args.seq_len, options=_options(args)))
+
+
+def cmd_jsb(args: argparse.Namespace) -> int:
+    from data_prep.music import prep_jsb
+
+    if (args.input is None) == (not args.from_music21):
+        raise ValueError("give exactly one of --input FILE.json and --from-music21")
+    return _report(args.out, prep_jsb(args.input, args.out, from_music21=args.from_music21, seq_len=args.seq_len,
+                                      options=_options(args)))
+
+
+def cmd_midi(args: argparse.Namespace) -> int:
+    from data_prep.music import prep_midi
+
+    return _report(args.out, prep_midi(args.input, args.out, transpose=args.transpose, seed=args.seed,
+                                       seq_len=args.seq_len, options=_options(args)))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from data_prep.shards import merge_parts
+
+    return _report(args.out, merge_parts(args.out, args.parts, overwrite=args.overwrite))
+
+
+def add_prep_parser(sub: argparse._SubParsersAction) -> None:
+    prep = sub.add_parser("prep", help="turn a raw corpus into streaming shards (once)")
+    corpora = prep.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
+
+    p = corpora.add_parser("text", help="OpenWebText-style text: xz tarballs, jsonl(.gz/.zst), parquet, .txt")
+    p.add_argument("--input", type=Path, nargs="+", required=True,
+                   help="files or folders: urlsf_subset*.xz (or a tarball of them), *.jsonl[.gz|.zst], *.parquet, "
+                        "*.txt")
+    p.add_argument("--tokenizer", choices=["sentencepiece", "gpt2"], default="sentencepiece")
+    p.add_argument("--vocab-size", type=int, default=32000, help="SentencePiece vocabulary (default 32000)")
+    p.add_argument("--tokenizer-model", type=Path, default=None,
+                   help="an existing SentencePiece .model to use instead of training one (required with shards)")
+    p.add_argument("--tokenizer-sample-docs", type=int, default=200_000,
+                   help="documents sampled (seeded) to train SentencePiece on (default 200000)")
+    p.add_argument("--gpt2-vocab", type=Path, default=None, help="GPT-2 vocab.json (with --tokenizer gpt2)")
+    p.add_argument("--gpt2-merges", type=Path, default=None, help="GPT-2 merges.txt (with --tokenizer gpt2)")
+    p.add_argument("--val-fraction", type=float, default=0.0005, help="documents held out for validation")
+    p.add_argument("--text-field", default="text", help="the jsonl field / parquet column holding the text")
+    p.add_argument("--seed", type=int, default=1234)
+    _common(p, seq_len=1024)
+    p.set_defaults(func=cmd_text)
+
+    p = corpora.add_parser("genome", help="FASTA (.fa/.fa.gz) + BED intervals → 6-mer or character tokens")
+    p.add_argument("--fasta", type=Path, required=True)
+    p.add_argument("--bed", type=Path, default=None, help="intervals `chrom start end split` (HyenaDNA layout)")
+    p.add_argument("--tokenizer", choices=["kmer6", "char"], default="kmer6")
+    p.add_argument("--val-chroms", nargs="*", default=[], help="without --bed: records held out for validation")
+    p.add_argument("--test-chroms", nargs="*", default=[], help="without --bed: records held out for test")
+    _common(p, seq_len=1000)
+    p.set_defaults(func=cmd_genome)
+
+    p = corpora.add_parser("jsb", help="JSB chorales 16th-note JSON (or music21's Bach chorales) → raster tokens")
+    p.add_argument("--input", type=Path, default=None, help="the JSON with train/valid/test")
+    p.add_argument("--from-music21", action="store_true", help="build it from the chorales bundled with music21")
+    _common(p, seq_len=2048)
+    p.set_defaults(func=cmd_jsb)
+
+    p = corpora.add_parser("midi", help="a folder of MIDI files (MAESTRO layout) → REMI tokens via miditok")
+    p.add_argument("--input", type=Path, required=True, help="folder of .mid/.midi (with MAESTRO's CSV if present)")
+    p.add_argument("--transpose", type=int, default=3, help="train split transposed by -N..+N semitones")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the 90/5/5 split when there is no CSV")
+    _common(p, seq_len=2048)
+    p.set_defaults(func=cmd_midi)
+
+    p = corpora.add_parser("merge", help="join the outputs of --shard-index/--num-shards runs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("parts", type=Path, nargs="+", help="the part folders, any order")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
