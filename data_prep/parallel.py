@@ -87,7 +87,7 @@ def run_units(units: Iterable[Any], work: Callable[[Any], UnitResult], writer: S
               initargs: tuple = (), desc: str = "prep") -> dict[str, int]:
     """Process every unit and write its results in order; return the summed corpus stats."""
     stats: dict[str, int] = {}
-    bar = tqdm(total=total, desc=desc, unit="unit", disable=not options.progress, file=sys.stderr,
+    bar = tqdm(total=total, desc=desc, unit="file", disable=not options.progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     started, tokens = time.monotonic(), 0
 

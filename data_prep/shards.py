@@ -271,7 +271,7 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
         manifest = dict(first)
         manifest.update({
             "args": {**part_args, "merged_from": args["parts"]},
-            "inputs": [i for m in manifests for i in m["inputs"]],
+            "inputs": list({i["path"]: i for m in manifests for i in m["inputs"]}.values()),
             "splits": splits,
             "items": sum(m.get("items", 0) for m in manifests),
             "skipped": [s for m in manifests for s in m["skipped"]],

@@ -41,6 +41,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) locally with launch.nproc processes; SLURM runs go through `pope submit`."""
+    from launch.local import launch_local
+    from pipeline.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.launch.executor != "local":
+        raise UsageError(f"launch.executor={config.launch.executor}: submit it with `pope submit`, or set "
+                         "launch.executor=local to train on this machine")
+    return launch_local(config, fresh=args.fresh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pope", description="PoPE/RoPE transformer pretraining pipeline")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a resolved config and its parameter count")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train or resume a run on this machine (launch.nproc processes)")
+    _add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
+    p.set_defaults(func=cmd_train)
 
     from launch.prep_cli import add_prep_parser
 

@@ -90,8 +90,8 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="SentencePiece vocabulary (default 32000)")
     p.add_argument("--tokenizer-model", type=Path, default=None,
                    help="an existing SentencePiece .model to use instead of training one (required with shards)")
-    p.add_argument("--tokenizer-sample-docs", type=int, default=200_000,
-                   help="documents sampled (seeded) to train SentencePiece on (default 200000)")
+    p.add_argument("--tokenizer-sample-docs", type=int, default=50_000,
+                   help="documents sampled (seeded) to train SentencePiece on (default 50000)")
     p.add_argument("--gpt2-vocab", type=Path, default=None, help="GPT-2 vocab.json (with --tokenizer gpt2)")
     p.add_argument("--gpt2-merges", type=Path, default=None, help="GPT-2 merges.txt (with --tokenizer gpt2)")
     p.add_argument("--val-fraction", type=float, default=0.0005, help="documents held out for validation")

@@ -102,8 +102,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: int = 10  # steps between TensorBoard points and console lines (metrics.jsonl gets every step)
     tensorboard: bool = True
+    peak_tflops: float = 0.0  # accelerator peak for train/mfu; 0: known GPUs by name, none on CPU
 
 
 @dataclass

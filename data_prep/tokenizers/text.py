@@ -1,0 +1,133 @@
+"""Text tokenizers: SentencePiece BPE trained on the corpus, or GPT-2's byte-level BPE from local files.
+
+Both are lossless on any UTF-8 text: SentencePiece through byte fallback with identity normalisation and no
+whitespace rewriting (decode(encode(t)) == t, tested), GPT-2 by construction (bytes mapped to symbols).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from data_prep.shards import TokenizerInfo
+
+SPM_FILE = "spm.model"
+GPT2_FILE = "gpt2-tokenizer.json"
+GPT2_EOS = "<|endoftext|>"
+# SentencePiece ids of the specials: fixed so that every model trained here agrees.
+SPM_UNK, SPM_BOS, SPM_EOS, SPM_PAD = 0, 1, 2, 3
+
+
+class SentencePieceTokenizer:
+    """SentencePiece BPE with byte fallback; documents are separated by EOS when packed."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        import sentencepiece
+
+        self.model_proto = model_proto
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.info = TokenizerInfo(kind="sentencepiece", vocab_size=self.processor.vocab_size(), pad=SPM_PAD,
+                                  bos=SPM_BOS, eos=SPM_EOS, file=SPM_FILE)
+
+    @classmethod
+    def train(cls, sentences: Iterable[str], vocab_size: int, seed: int = 1234,
+              threads: int | None = None) -> "SentencePieceTokenizer":
+        """Train on an iterable of sentences (lines of documents)."""
+        import sentencepiece
+
+        if vocab_size < 260 + 4:
+            raise ValueError(f"--vocab-size must be at least 264 (256 byte pieces + specials); got {vocab_size}")
+        model = io.BytesIO()
+        sentencepiece.set_random_generator_seed(seed)
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, input_sentence_size=0,
+                unk_id=SPM_UNK, bos_id=SPM_BOS, eos_id=SPM_EOS, pad_id=SPM_PAD,
+                num_threads=threads or len(os.sched_getaffinity(0)), minloglevel=2)
+        except RuntimeError as err:  # e.g. "Vocabulary size is too high": too little text for the vocabulary
+            raise ValueError(f"SentencePiece training failed: {' '.join(str(err).split())}") from None
+        return cls(model.getvalue())
+
+    @classmethod
+    def from_file(cls, path: Path) -> "SentencePieceTokenizer":
+        try:
+            return cls(Path(path).read_bytes())
+        except RuntimeError as err:
+            raise ValueError(f"{path} is not a SentencePiece model: {' '.join(str(err).split())}") from None
+
+    @classmethod
+    def from_manifest(cls, entry: dict, tokenizer_dir: Path) -> "SentencePieceTokenizer":
+        return cls.from_file(tokenizer_dir / entry["file"])
+
+    def save(self, folder: Path) -> None:
+        (folder / SPM_FILE).write_bytes(self.model_proto)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.processor.encode(text), dtype=np.int64)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: parallelism comes from the prep's worker processes (SentencePiece defaults to every core).
+        return self.processor.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.processor.decode([int(i) for i in ids])
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (vocab 50257) from a local vocab.json + merges.txt; never touches the network.
+
+    `<|endoftext|>` is the document separator. It is looked up in the vocabulary but not registered as a special
+    token, so the literal string inside a document is encoded as ordinary text (like tiktoken's encode_ordinary),
+    and no document can forge a separator.
+    """
+
+    def __init__(self, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer_json = tokenizer_json
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        eos = self.tokenizer.token_to_id(GPT2_EOS)
+        if eos is None:
+            raise ValueError(f"the GPT-2 vocabulary has no {GPT2_EOS} token; is it GPT-2's vocab.json?")
+        self.info = TokenizerInfo(kind="gpt2", vocab_size=self.tokenizer.get_vocab_size(), pad=None, bos=None,
+                                  eos=eos, file=GPT2_FILE)
+
+    @classmethod
+    def from_files(cls, vocab: Path, merges: Path) -> "GPT2Tokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        for path, what in ((vocab, "--gpt2-vocab"), (merges, "--gpt2-merges")):
+            if path is None or not Path(path).is_file():
+                raise ValueError(f"{what} must name a local file (got {path}); the tokenizer is never downloaded")
+        try:
+            model = models.BPE.from_file(str(vocab), str(merges))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+            raise ValueError(f"cannot read GPT-2 BPE files {vocab}, {merges}: {err}") from None
+        tokenizer = Tokenizer(model)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return cls(tokenizer.to_str())
+
+    @classmethod
+    def from_manifest(cls, entry: dict, tokenizer_dir: Path) -> "GPT2Tokenizer":
+        return cls((tokenizer_dir / entry["file"]).read_text())
+
+    def save(self, folder: Path) -> None:
+        (folder / GPT2_FILE).write_text(self.tokenizer_json)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+

@@ -1,0 +1,317 @@
+"""The training loop. `main(config)` runs in every process, started by launch/local.py or launch/slurm.py.
+
+    python -m pipeline.train RUN_DIR/config.yaml      (what the launchers run; `pope train` is the front door)
+
+One step = gradient accumulation over micro-batches, then one AdamW update through the DeepSpeed engine. Every
+step all ranks all-reduce [loss, target tokens, non-finite flag, stop flag] once: the loss is logged, a non-finite
+loss stops every rank before the update (so that state is never checkpointed), and a stop request (SIGUSR2 or
+SIGTERM on any rank, e.g. SLURM's warning before preemption) makes all ranks save one checkpoint together and
+exit with EXIT_STOPPED, ready to be resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline import distributed
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import Config, load_config, to_yaml
+from pipeline.data import BatchMaker, batches_forever, clean_stale_shared_memory, make_loader, open_dataset
+from pipeline.distributed import DistEnv
+from pipeline.evaluate import evaluate
+from pipeline.metrics import Metrics, Throughput, detect_peak_tflops
+from pipeline.model import IGNORE_INDEX, Transformer
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_STOPPED = 75  # checkpointed on request (preemption, time limit): run again to resume
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last checkpoint was saved."""
+
+
+class StopRequested(Exception):
+    """A stop signal arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped on request after step {step}; checkpoint saved, run again to resume")
+        self.step = step
+
+
+# -------------------------------------------------------------------------------------------- the run folder
+
+
+def run_dir(config: Config) -> Path:
+    return Path(config.run_dir) / config.name
+
+
+def prepare_run_dir(config: Config, fresh: bool = False) -> Path:
+    """Create RUN (run_dir/name) and write the resolved config; with fresh, remove what an earlier run left."""
+    path = run_dir(config)
+    if fresh and path.exists():
+        for item in ("checkpoints", "tb", "metrics.jsonl", "train.log"):
+            target = path / item
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(to_yaml(config))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+def lr_multiplier(config: Config) -> Callable[[int], float]:
+    """Step k (0-based) → fraction of optim.lr: linear warmup to 1, then decay to min_lr_ratio at the last step."""
+    warmup, total, floor = config.schedule.warmup_steps, config.schedule.max_steps, config.schedule.min_lr_ratio
+    decay = config.schedule.decay
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        if decay == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    d, ds = config.data, config.deepspeed
+    per_step = d.micro_batch_size * world_size
+    if d.batch_size % per_step:
+        raise ValueError(f"data.batch_size={d.batch_size} is not a multiple of data.micro_batch_size "
+                         f"({d.micro_batch_size}) × {world_size} processes; change one of them")
+    out: dict[str, Any] = {
+        "train_batch_size": d.batch_size,
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": d.batch_size // per_step,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no JIT-compiled optimizer op needed
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(out, ds.extra)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:
+    """The DeepSpeed engine around the model and a client AdamW; returns (engine, accumulation steps).
+
+    The learning rate is set by the loop before every step from `lr_multiplier(step)`, rather than by a stateful
+    scheduler inside the checkpoint: the schedule is a pure function of the step, and a resumed run follows the
+    config it is given (an edited optim.lr or schedule takes effect on resume).
+    """
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    o = config.optim
+    optimizer = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    ds_config = deepspeed_config(config, env.world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_config["gradient_accumulation_steps"]
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by SIGUSR2 or SIGTERM; read (and all-reduced) at every step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def main(config: Config) -> dict[str, Any]:
+    """Train (or resume) the run described by `config`; every process calls this."""
+    env = distributed.init(config.launch.backend)
+    try:
+        return train(config, env)
+    finally:
+        distributed.shutdown()
+
+
+def train(config: Config, env: DistEnv) -> dict[str, Any]:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
+    stop = StopFlag()
+    folder = run_dir(config)
+    say = _printer(folder, env)
+    dataset = open_dataset(config)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = Transformer(config.model)
+    engine, accum = build_engine(model, config, env)
+    torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
+    identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
+                "zero_stage": config.deepspeed.zero_stage}
+    checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
+    clean_stale_shared_memory()
+    loader = make_loader(dataset, config.data, config.data.train_split, train=True)
+    make_batch = BatchMaker(config, dataset)
+
+    step, tokens_seen = 0, 0
+    client = checkpoints.load(engine)
+    if client is not None:
+        step, tokens_seen = client["step"], client["tokens_seen"]
+        loader.load_state_dict(client["loader"])
+        say(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+    else:
+        say(f"starting {config.name}: {model.num_params():,} parameters, {config.model.position} positions, "
+            f"{env.world_size} process(es), ZeRO-{config.deepspeed.zero_stage}, {config.deepspeed.precision}, "
+            f"{accum} micro-batch(es) of {config.data.micro_batch_size} per process per step")
+
+    metrics = Metrics(folder, env.is_main, config.logging.tensorboard, start_step=step)
+    peak = config.logging.peak_tflops or detect_peak_tflops()
+    flops_per_token = model.flops_per_token(config.data.seq_len)
+    val_loader = make_loader(dataset, config.data, config.data.val_split, train=False) \
+        if dataset.has_split(config.data.val_split) else None
+    batches = batches_forever(loader)
+    throughput = Throughput()
+    last_loss, last_val = float("nan"), None
+    max_steps = config.schedule.max_steps
+    schedule = lr_multiplier(config)
+
+    def save() -> None:
+        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
+        checkpoints.save(engine, step, state)
+
+    def validate() -> dict[str, float] | None:
+        if val_loader is None:
+            return None
+        engine.eval()
+        result = evaluate(lambda i, t: engine(i, t), val_loader, make_batch, env, config.eval.max_batches)
+        engine.train()
+        metrics.scalars(step, {"val/loss": result["val/loss"], "val/ppl": result["val/ppl"]})
+        say(f"step {step}: val loss {result['val/loss']:.4f}, ppl {result['val/ppl']:.2f}")
+        return result
+
+    try:
+        engine.train()
+        while step < max_steps:
+            loss_sum, targets_count = 0.0, 0
+            lr = config.optim.lr * schedule(step)
+            set_lr(engine, lr)
+            for micro in range(accum):
+                batch = next(batches)
+                inputs, targets = make_batch(batch["tokens"], step=step, micro=micro, rank=env.rank)
+                _, loss = engine(inputs.to(env.device), targets.to(env.device))
+                engine.backward(loss)
+                loss_sum += float(loss.detach())
+                targets_count += int((targets != IGNORE_INDEX).sum())
+                if micro == accum - 1:  # before the update: agree on the loss, non-finite, stop
+                    total, count, bad, stops = distributed.all_reduce_sum(
+                        [loss_sum, targets_count, 0.0 if math.isfinite(loss_sum) else 1.0,
+                         1.0 if stop.requested else 0.0], env)
+                    if bad:
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped "
+                                            f"before the update, nothing after step {step} was saved")
+                engine.step()
+            step += 1
+            tokens_seen += int(count)
+            throughput.add(int(count))
+            last_loss = total / (accum * env.world_size)
+            grad_norm = _grad_norm(engine)
+            record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            log_now = step % config.logging.log_every == 0 or step == max_steps
+            if log_now:
+                rate = throughput.report()
+                record["train/tokens_per_s"] = rate
+                if peak:
+                    record["train/mfu"] = flops_per_token * rate / (peak * 1e12 * env.world_size)
+                say(f"step {step}/{max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                    f"{rate:,.0f} tok/s")
+            metrics.scalars(step, record, to_tensorboard=log_now)
+            if config.eval.every and step % config.eval.every == 0 and step < max_steps:
+                last_val = validate()
+            if stops:
+                save()
+                raise StopRequested(step)
+            if step % config.checkpoint.every == 0 or step == max_steps:
+                save()
+        last_val = validate()  # the loop's own passes skip the last step, so this never repeats one
+    finally:
+        metrics.close()
+    return {"step": step, "train_loss": last_loss, "val_loss": last_val["val/loss"] if last_val else None,
+            "tokens_seen": tokens_seen}
+
+
+def _grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _printer(folder: Path, env: DistEnv) -> Callable[[str], None]:
+    """Rank 0 prints progress lines and appends them to RUN/train.log; other ranks stay quiet."""
+    def say(message: str) -> None:
+        if env.is_main:
+            line = f"[{time.strftime('%H:%M:%S')}] {message}"
+            print(line, flush=True)
+            with open(folder / "train.log", "a") as log:
+                log.write(line + "\n")
+    return say
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.train RUN_DIR/config.yaml`: one process of a run; exit code says how it ended."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pipeline.train RUN_DIR/config.yaml", file=sys.stderr)
+        return EXIT_USER_ERROR
+    rank = distributed.env_from_os()[0]
+    try:
+        main(load_config(args[0]))
+    except StopRequested as stopped:
+        if rank == 0:
+            print(f"pope: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
+    except NonFiniteLoss as err:
+        if rank == 0:
+            print(f"pope: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except ValueError as err:
+        if rank == 0:
+            print(f"pope: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
