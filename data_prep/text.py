@@ -321,7 +321,7 @@ def tokenize_unit(unit: TextUnit) -> UnitResult:
         streams[split].append(eos)
     for split, stream in streams.items():
         if stream:
-            result.add(split, pack(np.array(stream, dtype=np.int64), seq_len + 1))
+            result.add(split, pack(np.array(stream, dtype=np.int32), seq_len + 1))
     result.count("documents", len(kept))
     return result
 

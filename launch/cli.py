@@ -53,6 +53,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return launch_local(config, fresh=args.fresh)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validation loss and perplexity of a run's newest checkpoint, in this process."""
+    from pipeline.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, split=args.split, max_batches=args.max_batches)
+    print(f"{args.run}: step {result['step']}, {args.split} loss {result['val/loss']:.4f}, "
+          f"ppl {result['val/ppl']:.2f}, accuracy {result['val/accuracy']:.4f} over {int(result['val/tokens']):,} "
+          "target tokens")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    out = export(args.run, args.out, step=args.step)
+    print(f"exported {args.run} to {out} (model.safetensors, model.json, config.yaml, tokenizer)")
+    return 0
+
+
+def cmd_tb(args: argparse.Namespace) -> int:
+    """Serve a run's (or a folder of runs') TensorBoard events on 127.0.0.1."""
+    import subprocess
+    from pathlib import Path
+
+    from launch.local import free_port
+
+    run = Path(args.run)
+    logdir = run / "tb" if (run / "tb").is_dir() else run
+    if not logdir.is_dir():
+        raise UsageError(f"{run} is neither a run folder nor a folder of runs")
+    port = args.port or free_port()
+    print(f"TensorBoard for {logdir}: http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+               "--port", str(port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launch.demo import run_demo
+
+    return run_demo(Path(args.data), Path(args.runs), steps=args.steps, fresh=args.fresh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pope", description="PoPE/RoPE transformer pretraining pipeline")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's newest checkpoint")
+    p.add_argument("what", choices=["val"], help="val: loss and perplexity on a split")
+    p.add_argument("run", help="the run folder (run_dir/name)")
+    p.add_argument("--split", default="val", help="the dataset split (default val)")
+    p.add_argument("--max-batches", type=int, default=0, help="micro-batches to evaluate (default: all)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
+    p.add_argument("run", help="the run folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tb", help="start TensorBoard on 127.0.0.1 for a run (or a folder of runs)")
+    p.add_argument("run", help="a run folder, or the folder holding several")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.set_defaults(func=cmd_tb)
+
+    p = sub.add_parser("demo", help="prepare Bach chorales, train PoPE and RoPE on CPU, compare (minutes)")
+    p.add_argument("--data", default="data/demo", help="where the demo corpus goes (default data/demo)")
+    p.add_argument("--runs", default="runs/demo", help="where the runs go (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the config's 300)")
+    p.add_argument("--fresh", action="store_true", help="retrain from scratch")
+    p.set_defaults(func=cmd_demo)
 
     from launch.prep_cli import add_prep_parser
 

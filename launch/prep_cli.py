@@ -72,6 +72,13 @@ def cmd_midi(args: argparse.Namespace) -> int:
                                        seq_len=args.seq_len, options=_options(args)))
 
 
+def cmd_indirect(args: argparse.Namespace) -> int:
+    from data_prep.indirect import prep_indirect
+
+    return _report(args.out, prep_indirect(args.out, train=args.train, val=args.val, test=args.test, seed=args.seed,
+                                           seq_len=args.seq_len, options=_options(args)))
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from data_prep.shards import merge_parts
 
@@ -121,6 +128,14 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed of the 90/5/5 split when there is no CSV")
     _common(p, seq_len=2048)
     p.set_defaults(func=cmd_midi)
+
+    p = corpora.add_parser("indirect", help="generate the indirect indexing task (no input)")
+    p.add_argument("--train", type=int, default=1_000_000, help="training examples (default 1000000)")
+    p.add_argument("--val", type=int, default=10_000, help="validation examples (default 10000)")
+    p.add_argument("--test", type=int, default=10_000, help="test examples (default 10000)")
+    p.add_argument("--seed", type=int, default=1234)
+    _common(p, seq_len=64)
+    p.set_defaults(func=cmd_indirect)
 
     p = corpora.add_parser("merge", help="join the outputs of --shard-index/--num-shards runs")
     p.add_argument("--out", type=Path, required=True)

@@ -131,3 +131,30 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
+
+
+class CharVocabTokenizer:
+    """One token per character of a fixed vocabulary (the manifest lists it); used by the indirect indexing task.
+
+    `vocab` holds special tokens first (`<pad>`, `<bos>`, `<eos>` where present), then single characters.
+    """
+
+    def __init__(self, vocab: Sequence[str], kind: str = "chars") -> None:
+        self.vocab = list(vocab)
+        self.index = {token: i for i, token in enumerate(self.vocab)}
+        special = lambda name: self.index.get(f"<{name}>")
+        self.info = TokenizerInfo(kind=kind, vocab_size=len(self.vocab), pad=special("pad"), bos=special("bos"),
+                                  eos=special("eos"), vocab=self.vocab)
+
+    @classmethod
+    def from_manifest(cls, entry: dict, tokenizer_dir: Path) -> "CharVocabTokenizer":
+        return cls(entry["vocab"], kind=entry["kind"])
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            return np.array([self.index[c] for c in text], dtype=np.int64)
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return "".join(self.vocab[int(i)] for i in ids if not self.vocab[int(i)].startswith("<"))

@@ -1,0 +1,97 @@
+"""Weights out of a run: the newest checkpoint consolidated to one fp32 state dict, for evaluation and export.
+
+`pope export RUN --out DIR` writes DIR/model.safetensors (fp32, parameter names of pipeline.model.Transformer),
+DIR/config.yaml (the run's resolved config), DIR/model.json (what is needed to rebuild the model, the step and the
+dataset hash) and DIR/tokenizer/ with DIR/manifest.json (the dataset's tokenizer, so ids can be decoded).
+Rebuild with `load_exported(DIR)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.contract import MANIFEST, TOKENIZER_DIR
+from pipeline.checkpoint import MARKER, Checkpointer, tag_for
+from pipeline.config import Config, ModelConfig, load_config
+from pipeline.distributed import DistEnv
+from pipeline.model import Transformer
+
+
+def newest_checkpoint(run: Path) -> int:
+    """The newest checkpoint of a run whose files are intact."""
+    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=1, identity={})
+    for step in reversed(checkpoints.complete_steps()):
+        if checkpoints.damage(step) is None:
+            return step
+    raise ValueError(f"{run} has no complete checkpoint (is it a run folder? train it first)")
+
+
+def load_run(run: str | Path, step: int | None = None) -> tuple[Config, dict[str, torch.Tensor], int]:
+    """(config, fp32 state dict, step) of a run's newest (or given) checkpoint, on CPU, any ZeRO stage."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{run} is not a run folder (no config.yaml)")
+    config = load_config(run / "config.yaml")
+    step = newest_checkpoint(run) if step is None else step
+    folder = run / "checkpoints" / tag_for(step)
+    if not (folder / MARKER).is_file():
+        raise ValueError(f"{folder} is not a complete checkpoint")
+    if any(folder.glob("*optim_states.pt")) and config.deepspeed.zero_stage > 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its chatter
+            state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag_for(step))
+    else:  # ZeRO-0: the model states file holds the whole module
+        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {name: tensor.float() for name, tensor in state.items()}
+    identity = json.loads((folder / MARKER).read_text())["identity"]
+    config.model = ModelConfig(**identity["model"])  # the vocab size the run resolved from its data
+    return config, state, step
+
+
+def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    model = Transformer(model_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def export(run: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Write the consolidated weights, config and tokenizer of a run to `out`."""
+    from safetensors.torch import save_file
+
+    run, out = Path(run), Path(out)
+    config, state, step = load_run(run, step)
+    build_model(config.model, state)  # refuse to export weights that do not load
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    shutil.copy2(run / "config.yaml", out / "config.yaml")
+    data = Path(config.data.path)
+    if (data / TOKENIZER_DIR).is_dir():
+        shutil.copytree(data / TOKENIZER_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    if (data / MANIFEST).is_file():
+        shutil.copy2(data / MANIFEST, out / MANIFEST)
+    info: dict[str, Any] = {"format": "pope-pretrain", "model": dataclasses.asdict(config.model), "step": step,
+                            "run": str(run.resolve()), "parameters": sum(v.numel() for v in state.values())}
+    (out / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def load_exported(folder: str | Path) -> Transformer:
+    """The model of an `export` folder, in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = json.loads((folder / "model.json").read_text())
+    return build_model(ModelConfig(**info["model"]), load_file(str(folder / "model.safetensors"))).eval()
