@@ -2,6 +2,7 @@
 #   make demo    prepare a real music corpus, train PoPE and RoPE on CPU, compare them
 #   make test    the whole test suite (what CI runs)
 #   make bench   the benchmarks under bench/
+#   make tiny-data  small real datasets for configs/tiny/ under data/tiny/
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -10,7 +11,7 @@ PIP     = $(PY) -m pip install --quiet --constraint constraints.txt
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench tiny-data clean
 
 venv: $(STAMP)
 
@@ -28,7 +29,11 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) bench/prep_throughput.py
 	$(PY) bench/train_step.py
+
+tiny-data: $(STAMP)
+	$(PY) tests/tiny_data.py data/tiny
 
 clean:
 	rm -rf $(VENV) build *.egg-info
