@@ -154,7 +154,8 @@ class ShardWriter:
             first = self.skipped[0]
             raise ValueError(f"{bad} of {self.items} inputs are bad ({bad / max(self.items, 1):.1%}), more than "
                              f"--max-skip-fraction={max_skip_fraction}; first: {first['file']}: {first['reason']}")
-        if not any(c["samples"] for c in self.counts.values()):
+        empty_shard = self.items == 0 and int(self.args.get("num_shards", 1)) > 1  # nothing was assigned to it
+        if not any(c["samples"] for c in self.counts.values()) and not empty_shard:
             raise ValueError(f"no sample was produced from {self.items} inputs ({bad} skipped); nothing to write")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -256,6 +257,8 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
     _remove_stale_temporaries(out)
     tmp.mkdir(parents=True)
     try:
+        if not any(c["samples"] for m in manifests for c in m["splits"].values()):
+            raise ValueError(f"the {len(parts)} parts hold no sample at all; nothing to merge")
         splits: dict[str, dict[str, int]] = {}
         for split in sorted({s for m in manifests for s in m["splits"]}):
             part_dirs = []

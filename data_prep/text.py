@@ -422,3 +422,21 @@ def _tokenizer_sample(inputs: Sequence[Path], sample_docs: int, text_field: str,
 def _neg(key: bytes) -> bytes:
     """Byte-wise complement: reverses the order, turning heapq's min-heap into a max-heap (its own inverse)."""
     return bytes(255 - b for b in key)
+
+
+def train_text_tokenizer(inputs: Sequence[Path], model_path: Path, *, vocab_size: int = 32000,
+                         tokenizer_sample_docs: int = 50_000, text_field: str = "text", seed: int = 1234,
+                         workers: int = 0, **_: Any) -> Path:
+    """Train the SentencePiece model a sharded prep shares (the first job of `pope prep text --slurm`).
+
+    Takes the same keyword arguments as prep_text (the ones it does not need are ignored); the sample and the
+    model are exactly those an unsharded prep would train.
+    """
+    sentences = _tokenizer_sample([Path(p) for p in inputs], tokenizer_sample_docs, text_field, seed)
+    tokenizer = SentencePieceTokenizer.train(sentences, vocab_size, seed=seed, threads=workers or None)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_suffix(".tmp")
+    tmp.write_bytes(tokenizer.model_proto)
+    os.replace(tmp, model_path)
+    return model_path

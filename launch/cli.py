@@ -46,11 +46,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import launch_local
     from pipeline.config import load_config
 
-    config = load_config(args.config, args.overrides)
-    if config.launch.executor != "local":
-        raise UsageError(f"launch.executor={config.launch.executor}: submit it with `pope submit`, or set "
-                         "launch.executor=local to train on this machine")
-    return launch_local(config, fresh=args.fresh)
+    return launch_local(load_config(args.config, args.overrides), fresh=args.fresh)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit training to SLURM through submitit (or its local executor with launch.executor=local)."""
+    from launch.slurm import submit_training
+    from pipeline.config import load_config
+
+    return submit_training(load_config(args.config, args.overrides), fresh=args.fresh, wait=args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch.slurm import status
+
+    print(status(args.run))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from launch.slurm import cancel
+
+    print(cancel(args.run))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -113,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("submit", help="submit training to SLURM (multi-node, requeued on preemption/time limit)")
+    _add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
+    p.add_argument("--wait", action="store_true", help="wait until the job has finished, through requeues")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="job state, last step, last checkpoint and requeues of a submitted run")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel the SLURM job of a submitted run")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("eval", help="evaluate a run's newest checkpoint")
     p.add_argument("what", choices=["val"], help="val: loss and perplexity on a split")

@@ -20,6 +20,10 @@ def _common(parser: argparse.ArgumentParser, seq_len: int) -> None:
                         help="fail when more than this fraction of inputs are bad (default 0.01)")
     parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--slurm", nargs="*", default=None, metavar="slurm.key=value",
+                        help="run as a SLURM job array of --num-shards tasks plus a merge job (e.g. --slurm "
+                             "slurm.partition=cpu slurm.time=120)")
+    parser.add_argument("--wait", action="store_true", help="with --slurm: wait until the merge job is done")
 
 
 def _options(args: argparse.Namespace) -> PrepOptions:
@@ -38,45 +42,54 @@ def _report(out: Path, manifest: dict | None) -> int:
     return 0
 
 
-def cmd_text(args: argparse.Namespace) -> int:
-    from data_prep.text import prep_text
+def _run(args: argparse.Namespace, function: str, kwargs: dict, tokenizer: dict | None = None) -> int:
+    """Run a prep here, or (with --slurm) as a SLURM job array of --num-shards tasks plus a merge job."""
+    if args.slurm is None:
+        module, name = function.split(":")
+        prep = getattr(__import__(module, fromlist=[name]), name)
+        return _report(args.out, prep(out=args.out, options=_options(args), **kwargs))
+    from launch.slurm import submit_prep
+    from pipeline.config import Config, apply_overrides
 
-    return _report(args.out, prep_text(
-        args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        tokenizer_model=args.tokenizer_model, gpt2_vocab=args.gpt2_vocab, gpt2_merges=args.gpt2_merges,
-        tokenizer_sample_docs=args.tokenizer_sample_docs, val_fraction=args.val_fraction, text_field=args.text_field,
-        seed=args.seed, seq_len=args.seq_len, options=_options(args)))
+    bad = [item for item in args.slurm if not item.startswith("slurm.")]
+    if bad:
+        raise ValueError(f"--slurm takes slurm.key=value settings; got {', '.join(bad)}")
+    if args.shard_index:
+        raise ValueError("--shard-index is chosen per array task with --slurm; give --num-shards only")
+    slurm = apply_overrides(Config(), args.slurm).slurm
+    return submit_prep(function, kwargs, args.out, args.num_shards, slurm, tokenizer=tokenizer, wait=args.wait)
+
+
+def cmd_text(args: argparse.Namespace) -> int:
+    kwargs = dict(inputs=[p.resolve() for p in args.input], tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  tokenizer_model=args.tokenizer_model, gpt2_vocab=args.gpt2_vocab, gpt2_merges=args.gpt2_merges,
+                  tokenizer_sample_docs=args.tokenizer_sample_docs, val_fraction=args.val_fraction,
+                  text_field=args.text_field, seed=args.seed, seq_len=args.seq_len)
+    needs_tokenizer = args.slurm is not None and args.tokenizer == "sentencepiece" and args.tokenizer_model is None
+    return _run(args, "data_prep.text:prep_text", kwargs, tokenizer=kwargs if needs_tokenizer else None)
 
 
 def cmd_genome(args: argparse.Namespace) -> int:
-    from data_prep.genome import prep_genome
-
-    return _report(args.out, prep_genome(
-        args.fasta, args.out, bed=args.bed, tokenizer=args.tokenizer, val_chroms=args.val_chroms,
-        test_chroms=args.test_chroms, seq_len=args.seq_len, options=_options(args)))
+    return _run(args, "data_prep.genome:prep_genome", dict(
+        fasta=args.fasta.resolve(), bed=args.bed.resolve() if args.bed else None, tokenizer=args.tokenizer,
+        val_chroms=args.val_chroms, test_chroms=args.test_chroms, seq_len=args.seq_len))
 
 
 def cmd_jsb(args: argparse.Namespace) -> int:
-    from data_prep.music import prep_jsb
-
     if (args.input is None) == (not args.from_music21):
         raise ValueError("give exactly one of --input FILE.json and --from-music21")
-    return _report(args.out, prep_jsb(args.input, args.out, from_music21=args.from_music21, seq_len=args.seq_len,
-                                      options=_options(args)))
+    return _run(args, "data_prep.music:prep_jsb", dict(
+        input=args.input.resolve() if args.input else None, from_music21=args.from_music21, seq_len=args.seq_len))
 
 
 def cmd_midi(args: argparse.Namespace) -> int:
-    from data_prep.music import prep_midi
-
-    return _report(args.out, prep_midi(args.input, args.out, transpose=args.transpose, seed=args.seed,
-                                       seq_len=args.seq_len, options=_options(args)))
+    return _run(args, "data_prep.music:prep_midi", dict(
+        input=args.input.resolve(), transpose=args.transpose, seed=args.seed, seq_len=args.seq_len))
 
 
 def cmd_indirect(args: argparse.Namespace) -> int:
-    from data_prep.indirect import prep_indirect
-
-    return _report(args.out, prep_indirect(args.out, train=args.train, val=args.val, test=args.test, seed=args.seed,
-                                           seq_len=args.seq_len, options=_options(args)))
+    return _run(args, "data_prep.indirect:prep_indirect", dict(
+        train=args.train, val=args.val, test=args.test, seed=args.seed, seq_len=args.seq_len))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

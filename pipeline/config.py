@@ -116,8 +116,28 @@ class EvalConfig:
 @dataclass
 class LaunchConfig:
     nproc: int = 1  # processes on this machine (local launcher), or tasks per node on a CPU cluster
-    executor: Literal["local", "slurm"] = "local"
+    executor: Literal["slurm", "local"] = "slurm"  # for `pope submit`: SLURM, or submitit's local executor
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
+
+
+@dataclass
+class SlurmConfig:
+    """`pope submit` and `pope prep ... --slurm` (launch/slurm.py); ignored by local runs."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU; 0: CPU nodes with launch.nproc tasks each
+    cpus_per_task: int = 8
+    mem: str = ""  # per node, e.g. "64G" ("" leaves it to the cluster)
+    time: int = 1440  # minutes
+    constraint: str = ""
+    exclusive: bool = False
+    extra: dict = field(default_factory=dict)  # more sbatch parameters, e.g. {reservation: x, mail-type: END}
+    signal_minutes: float = 5.0  # SIGUSR2 this long before the time limit: checkpoint, then requeue
+    max_requeues: int = 20  # requeues after a preemption or time limit, before giving up
+    array_parallelism: int = 64  # prep job arrays: at most this many tasks at once
 
 
 @dataclass
@@ -134,6 +154,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -176,15 +197,16 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict:
         parents = [parents]
     merged: dict = {}
     for parent in parents:
-        merged = _deep_merge(merged, _read_yaml_tree(path.parent / parent, seen + (path,)))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, _read_yaml_tree(path.parent / parent, seen + (path,)))
+    return deep_merge(merged, data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursing into mappings present in both."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "extra":
-            out[key] = _deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -367,6 +389,11 @@ def validate(config: Config) -> None:
     _check(config.logging.log_every > 0, "logging.log_every", "must be > 0")
     _check(config.eval.every >= 0 and config.eval.max_batches >= 0, "eval.every", "and eval.max_batches must be >= 0")
     _check(config.launch.nproc > 0, "launch.nproc", "must be > 0")
+    sl = config.slurm
+    _check(sl.nodes > 0 and sl.cpus_per_task > 0 and sl.time > 0, "slurm.nodes",
+           "slurm.cpus_per_task and slurm.time must be > 0")
+    _check(sl.gpus_per_node >= 0 and sl.max_requeues >= 0, "slurm.gpus_per_node", "and max_requeues must be >= 0")
+    _check(0 <= sl.signal_minutes * 60 < sl.time * 60, "slurm.signal_minutes", "must be >= 0 and below slurm.time")
     _check(bool(config.name) and "/" not in config.name, "name", f"must be a non-empty folder name; got {config.name!r}")
 
 

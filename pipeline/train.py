@@ -26,7 +26,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import Config, load_config, to_yaml
+from pipeline.config import Config, deep_merge, load_config, to_yaml
 from pipeline.data import BatchMaker, batches_forever, clean_stale_shared_memory, make_loader, open_dataset
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import evaluate
@@ -43,11 +43,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopRequested(Exception):
-    """A stop signal arrived; a checkpoint was saved at `step`."""
+    """A stop signal arrived; a checkpoint was saved at `step`. `requeue`: the signal was SIGUSR2 (SLURM's
+    warning before a time limit, or a preemption notice), which asks to be continued; SIGTERM only stops."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, requeue: bool) -> None:
         super().__init__(f"stopped on request after step {step}; checkpoint saved, run again to resume")
-        self.step = step
+        self.step, self.requeue = step, requeue
 
 
 # -------------------------------------------------------------------------------------------- the run folder
@@ -108,15 +109,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(out, ds.extra)
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else value
-    return merged
+    return deep_merge(out, ds.extra)
 
 
 def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:
@@ -149,11 +142,27 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self.requeue = False  # SIGUSR2 seen: stop to be continued (SLURM requeues); SIGTERM alone only stops
+        self.installed = False
+
+    def install(self) -> "StopFlag":
+        if not self.installed:
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                signal.signal(sig, self._handler)
+            self.installed = True
+        return self
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self.requeue = self.requeue or signum == signal.SIGUSR2
+
+
+STOP = StopFlag()
+
+
+def install_stop_handlers() -> StopFlag:
+    """Catch SIGUSR2/SIGTERM from now on (idempotent); the SLURM task calls this first thing."""
+    return STOP.install()
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -170,7 +179,7 @@ def main(config: Config) -> dict[str, Any]:
 
 def train(config: Config, env: DistEnv) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
-    stop = StopFlag()
+    stop = install_stop_handlers()
     folder = run_dir(config)
     say = _printer(folder, env)
     dataset = open_dataset(config)
@@ -236,9 +245,9 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                 loss_sum += float(loss.detach())
                 targets_count += int((targets != IGNORE_INDEX).sum())
                 if micro == accum - 1:  # before the update: agree on the loss, non-finite, stop
-                    total, count, bad, stops = distributed.all_reduce_sum(
+                    total, count, bad, stops, requeues = distributed.all_reduce_sum(
                         [loss_sum, targets_count, 0.0 if math.isfinite(loss_sum) else 1.0,
-                         1.0 if stop.requested else 0.0], env)
+                         1.0 if stop.requested else 0.0, 1.0 if stop.requeue else 0.0], env)
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped "
                                             f"before the update, nothing after step {step} was saved")
@@ -262,7 +271,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                 last_val = validate()
             if stops:
                 save()
-                raise StopRequested(step)
+                raise StopRequested(step, requeue=bool(requeues))
             if step % config.checkpoint.every == 0 or step == max_steps:
                 save()
         last_val = validate()  # the loop's own passes skip the last step, so this never repeats one

@@ -105,3 +105,13 @@ def test_pack_and_shard_slice():
     assert sum(blocks, []) == units and [len(b) for b in blocks] == [3, 3, 4]
     with pytest.raises(ValueError, match="--shard-index"):
         PrepOptions(shard_index=2, num_shards=2)
+
+
+def test_an_empty_shard_publishes_and_merges(tmp_path):
+    empty = write(tmp_path / "p0", [], args={"x": 1, "shard_index": 0, "num_shards": 2}, items=0)
+    assert empty["splits"] == {}
+    write(tmp_path / "p1", [("train", [1, 2])], args={"x": 1, "shard_index": 1, "num_shards": 2})
+    merged = merge_parts(tmp_path / "m", [tmp_path / "p0", tmp_path / "p1"])
+    assert merged["splits"] == {"train": {"samples": 1, "tokens": 2}}
+    with pytest.raises(ValueError, match="no sample was produced"):  # unsharded: an empty result is an error
+        write(tmp_path / "e", [], items=0)

@@ -1,0 +1,350 @@
+"""SLURM through submitit: training that survives preemption and time limits, prep as job arrays, status, cancel.
+
+Training (`pope submit`): one submitit job of `slurm.nodes` nodes with one task per GPU (or `launch.nproc` tasks per
+CPU node). Each task computes its rendezvous from the SLURM environment (launch/rendezvous.py) and runs the same
+`pipeline.train.main` as the local launcher. SLURM sends SIGUSR2 `slurm.signal_minutes` before the time limit (and
+`scancel --signal=USR2` does the same by hand); the training loop then has every rank save one checkpoint
+together, rank 0 requeues the job (`scontrol requeue`) while fewer than `slurm.max_requeues` restarts happened,
+and the requeued job resumes from that checkpoint. (submitit's own hook checkpoints on global rank 0 only, which a
+ZeRO save cannot use; USR1 is NCCL's.)
+
+Prep (`pope prep <corpus> ... --slurm`): an array job of `--num-shards` tasks, each preparing its part with
+`--shard-index i`, then a merge job that starts only when every array task succeeded (afterok). A SentencePiece
+text prep first trains its tokenizer in a job of its own, which the array waits for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import Config, SlurmConfig, load_config, to_dict
+
+SUBMISSION = "submission.json"
+STATE = "slurm_state.json"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_slurm() -> None:
+    if shutil.which("sbatch") is None:
+        raise ValueError("no SLURM on this machine (sbatch not found): train here with `pope train`, or set "
+                         "launch.executor=local to run the job through submitit's local executor")
+
+
+# ------------------------------------------------------------------------------------------------ executors
+
+
+def make_executor(folder: Path, slurm: SlurmConfig, *, tasks_per_node: int, local: bool, name: str,
+                  cpus_per_task: int | None = None) -> Any:
+    """A submitit executor for this config (SLURM, or submitit's local executor)."""
+    import submitit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else "slurm")
+    params: dict[str, Any] = {"name": name, "nodes": slurm.nodes, "tasks_per_node": tasks_per_node,
+                              "cpus_per_task": cpus_per_task or slurm.cpus_per_task, "timeout_min": slurm.time}
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if not local:
+        params.update(slurm_signal_delay_s=int(slurm.signal_minutes * 60),
+                      # The batch shell must survive `scancel --full --signal=USR2`: only the tasks act on it.
+                      slurm_setup=["trap 'true' USR2"])
+        for key in ("partition", "account", "qos", "constraint", "mem"):
+            if getattr(slurm, key):
+                params[f"slurm_{key}"] = getattr(slurm, key)
+        if slurm.exclusive:
+            params["slurm_exclusive"] = True
+        if slurm.extra:
+            params["slurm_additional_parameters"] = dict(slurm.extra)
+    executor.update_parameters(**params)
+    return executor
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- training jobs
+
+
+def task_environment() -> dict[str, str]:
+    """torch.distributed variables for this task: from SLURM, or from submitit's local executor."""
+    from launch.rendezvous import port_for_job, rendezvous_from_env
+
+    if "SLURM_JOB_ID" in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return rendezvous_from_env(os.environ)
+    import submitit
+
+    job = submitit.JobEnvironment()
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port_for_job(str(job.job_id))),
+            "RANK": str(job.global_rank), "WORLD_SIZE": str(job.num_tasks), "LOCAL_RANK": str(job.local_rank),
+            "LOCAL_WORLD_SIZE": str(job.num_tasks // max(job.num_nodes, 1))}
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What submitit pickles and runs in every task of a training job."""
+
+    config_path: str
+    max_requeues: int
+
+    def __call__(self) -> dict[str, Any]:
+        from pipeline import train
+
+        train.install_stop_handlers()  # before anything slow: a USR2 must never reach submitit's own handler
+        os.environ.update(task_environment())
+        rank = int(os.environ["RANK"])
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        run = Path(self.config_path).parent
+        job_id = os.environ.get("SLURM_JOB_ID", "local")
+        if rank == 0:
+            _write_state(run, job_id=job_id, restarts=restarts, state="running")
+        try:
+            result = train.main(load_config(self.config_path))
+        except train.StopRequested as stopped:
+            # SIGUSR2 (time limit near, preemption notice) asks to continue; SIGTERM (scancel, or a preemption
+            # that SLURM requeues by itself) only stops, with the checkpoint saved.
+            requeue = stopped.requeue and "SLURM_JOB_ID" in os.environ and restarts < self.max_requeues
+            if rank == 0:
+                print(f"pope: {stopped}; " + (f"requeueing job {job_id} (restart {restarts + 1} of at most "
+                                              f"{self.max_requeues})" if requeue else "not requeued"), flush=True)
+            if requeue:
+                if rank == 0:
+                    _write_state(run, job_id=job_id, restarts=restarts, state="requeued", step=stopped.step)
+                    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=120)
+                _wait_to_be_requeued()
+            if rank == 0:
+                _write_state(run, job_id=job_id, restarts=restarts, state="stopped", step=stopped.step)
+            return {"stopped": stopped.step, "requeues": restarts}
+        if rank == 0:
+            _write_state(run, job_id=job_id, restarts=restarts, state="completed", step=result["step"])
+        return result
+
+
+def _wait_to_be_requeued(limit_s: float = 600) -> None:
+    """Requeueing ends this job's processes; until then, return nothing (no result file that says 'done')."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    raise RuntimeError("the job was requeued but its processes were not stopped within 10 minutes")
+
+
+def _write_state(run: Path, **state: Any) -> None:
+    path = run / STATE
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    record = {**previous, **state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def submit_training(config: Config, fresh: bool = False, wait: bool = False) -> int:
+    """`pope submit`: submit the config's training; print the job id and run folder."""
+    from pipeline.train import prepare_run_dir
+
+    from pipeline.data import open_dataset
+
+    local = config.launch.executor == "local"
+    if not local:
+        require_slurm()
+    open_dataset(dataclasses.replace(config, model=dataclasses.replace(config.model)))  # fail now, not in the queue
+    tasks = config.slurm.gpus_per_node or config.launch.nproc
+    run = prepare_run_dir(config, fresh)
+    executor = make_executor(run / "slurm", config.slurm, tasks_per_node=tasks, local=local, name=config.name)
+    job = executor.submit(TrainTask(str(run / "config.yaml"), config.slurm.max_requeues))
+    script = run / "slurm" / f"{job.job_id}_submission.sh"
+    record = {"job_id": str(job.job_id), "executor": "local" if local else "slurm",
+              "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+              "command": sys.argv, "nodes": config.slurm.nodes, "tasks_per_node": tasks,
+              "sbatch_script": script.read_text() if script.exists() else None, "config": to_dict(config)}
+    (run / SUBMISSION).write_text(json.dumps(record, indent=1) + "\n")
+    if script.exists():
+        shutil.copy2(script, run / "submission.sh")
+    print(f"submitted job {job.job_id} ({config.slurm.nodes} node(s) × {tasks} task(s)); run folder {run}")
+    print(f"follow it with `pope status {run}`; logs in {run / 'slurm'}/")
+    if not wait:
+        return 0
+    return wait_for_run(run, str(job.job_id), local_job=job if local else None)
+
+
+def wait_for_run(run: Path, job_id: str, local_job: Any = None, poll_s: float = 2.0) -> int:
+    """Block until the job has finished (through any requeues); 0 when it completed."""
+    while True:
+        if local_job is not None:
+            if local_job.done():
+                break
+        elif job_state(job_id) is None:
+            state = _read_state(run).get("state")
+            if state != "requeued":
+                break
+        time.sleep(poll_s)
+    state = _read_state(run)
+    print(f"job {job_id}: {state.get('state', 'unknown')} at step {state.get('step', '?')}, "
+          f"{state.get('restarts', 0)} requeue(s)")
+    return 0 if state.get("state") == "completed" else 1
+
+
+# --------------------------------------------------------------------------------------------- status, cancel
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's SLURM state from squeue (None once it has left the queue)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = out.stdout.split()
+    return states[0] if out.returncode == 0 and states else None
+
+
+def _read_state(run: Path) -> dict[str, Any]:
+    path = run / STATE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _submission(run: Path) -> dict[str, Any]:
+    path = Path(run) / SUBMISSION
+    if not path.exists():
+        raise ValueError(f"{run} has no {SUBMISSION}: it was not started with `pope submit`")
+    return json.loads(path.read_text())
+
+
+def status(run: Path) -> str:
+    """`pope status RUN`: job state, last step, last checkpoint, requeues."""
+    run = Path(run)
+    submission = _submission(run)
+    job_id = submission["job_id"]
+    state = _read_state(run)
+    queue = job_state(job_id) if submission["executor"] == "slurm" else None
+    steps = [json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").exists() else []
+    latest = (run / "checkpoints" / "latest").read_text().strip() if (run / "checkpoints" / "latest").exists() \
+        else "none"
+    lines = [f"run        {run}",
+             f"job        {job_id} ({submission['executor']}), submitted {submission['submitted']}, "
+             f"commit {submission['git_commit']}",
+             f"state      {queue or state.get('state', 'not started')}" + (f" (in queue; last run: "
+                                                                            f"{state.get('state')})" if queue and
+                                                                           state else ""),
+             f"last step  {max(steps) if steps else 'none'}",
+             f"checkpoint {latest}",
+             f"requeues   {state.get('restarts', 0)}"]
+    return "\n".join(lines)
+
+
+def cancel(run: Path) -> str:
+    submission = _submission(Path(run))
+    if submission["executor"] != "slurm":
+        raise ValueError(f"{run} runs under submitit's local executor; stop it with Ctrl-C where it runs")
+    require_slurm()
+    subprocess.run(["scancel", submission["job_id"]], check=True, timeout=60)
+    return f"cancelled job {submission['job_id']} ({run})"
+
+
+# ------------------------------------------------------------------------------------------------ prep arrays
+
+
+@dataclasses.dataclass
+class PrepTask:
+    """One array task of a sharded prep: calls `function(**kwargs, out=part, options=shard i of n)`."""
+
+    function: str  # "module:function"
+    kwargs: dict[str, Any]
+    parts: str
+    num_shards: int
+    workers: int
+
+    def __call__(self, shard_index: int) -> str:
+        from data_prep.parallel import PrepOptions
+
+        module, name = self.function.split(":")
+        function: Callable[..., Any] = getattr(__import__(module, fromlist=[name]), name)
+        out = Path(self.parts) / f"part-{shard_index:05d}"
+        options = PrepOptions(workers=self.workers, shard_index=shard_index, num_shards=self.num_shards,
+                              progress=False)
+        function(out=out, options=options, **self.kwargs)
+        return str(out)
+
+
+@dataclasses.dataclass
+class MergeTask:
+    out: str
+    parts: list[str]
+
+    def __call__(self) -> str:
+        from data_prep.shards import merge_parts
+
+        merge_parts(Path(self.out), [Path(p) for p in self.parts], overwrite=True)
+        return self.out
+
+
+@dataclasses.dataclass
+class TokenizerTask:
+    """Trains the SentencePiece model every shard of a text prep shares."""
+
+    kwargs: dict[str, Any]
+    model_path: str
+    workers: int
+
+    def __call__(self) -> str:
+        from data_prep.text import train_text_tokenizer
+
+        train_text_tokenizer(model_path=Path(self.model_path), workers=self.workers, **self.kwargs)
+        return self.model_path
+
+
+def submit_prep(function: str, kwargs: dict[str, Any], out: Path, num_shards: int, slurm: SlurmConfig,
+                tokenizer: dict[str, Any] | None = None, wait: bool = False) -> int:
+    """Submit a prep as an array of `num_shards` tasks plus a merge job that waits for all of them."""
+    require_slurm()
+    out = Path(out).resolve()
+    parts = out.parent / f"{out.name}.parts"
+    folder = parts / "slurm"
+    dependency = None
+    if tokenizer is not None:  # SentencePiece: one tokenizer for every shard, trained first
+        model_path = parts / "spm.model"
+        executor = make_executor(folder, slurm, tasks_per_node=1, local=False, name=f"{out.name}-tokenizer")
+        executor.update_parameters(nodes=1)
+        job = executor.submit(TokenizerTask(tokenizer, str(model_path), slurm.cpus_per_task))
+        kwargs = {**kwargs, "tokenizer_model": model_path}
+        dependency = str(job.job_id)
+        print(f"tokenizer job {job.job_id} → {model_path}")
+    executor = make_executor(folder, slurm, tasks_per_node=1, local=False, name=f"{out.name}-prep")
+    extra = dict(slurm.extra)
+    if dependency:
+        extra.update({"dependency": f"afterok:{dependency}", "kill-on-invalid-dep": "yes"})
+    executor.update_parameters(nodes=1, slurm_array_parallelism=slurm.array_parallelism,
+                               slurm_additional_parameters=extra)
+    task = PrepTask(function, kwargs, str(parts), num_shards, slurm.cpus_per_task)
+    jobs = executor.map_array(task, list(range(num_shards)))
+    array_id = str(jobs[0].job_id).split("_")[0]
+    merge = make_executor(folder, slurm, tasks_per_node=1, local=False, name=f"{out.name}-merge")
+    # kill-on-invalid-dep: if an array task fails, SLURM removes the merge job instead of leaving it pending
+    merge.update_parameters(nodes=1, slurm_additional_parameters={**dict(slurm.extra),
+                                                                  "dependency": f"afterok:{array_id}",
+                                                                  "kill-on-invalid-dep": "yes"})
+    part_dirs = [str(parts / f"part-{i:05d}") for i in range(num_shards)]
+    merge_job = merge.submit(MergeTask(str(out), part_dirs))
+    print(f"prep array job {array_id} ({num_shards} tasks) → {parts}/part-*; merge job {merge_job.job_id} → {out}")
+    if not wait:
+        return 0
+    while job_state(str(merge_job.job_id)) is not None:
+        time.sleep(2)
+    if not (out / "DONE").exists():
+        print(f"pope: error: the prep did not finish; see the logs in {folder}", file=sys.stderr)
+        return 1
+    print(f"{out}: merged from {num_shards} parts")
+    return 0
