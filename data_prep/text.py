@@ -74,28 +74,25 @@ def _kind(name: str) -> str | None:
     return None
 
 
+# magic bytes → (streaming opener, whole-buffer decompressor); both raise on a truncated stream
+_CODECS = ((b"\xfd7zXZ", lzma.open, lzma.decompress), (b"\x1f\x8b", gzip.open, gzip.decompress),
+           (b"BZh", bz2.open, bz2.decompress))
+
+
 def _open_decompressed(path: Path) -> io.BufferedIOBase:
     """The file, decompressed on the fly by its magic bytes (xz, gzip, bzip2, else as is). These readers raise
     EOFError at a truncated end, where tarfile's own stream mode would stop silently."""
     with open(path, "rb") as handle:
         magic = handle.read(6)
-    if magic.startswith(b"\xfd7zXZ"):
-        return lzma.open(path)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.open(path)
-    if magic.startswith(b"BZh"):
-        return bz2.open(path)
-    return open(path, "rb")
+    opener = next((op for prefix, op, _ in _CODECS if magic.startswith(prefix)), None)
+    return opener(path) if opener else open(path, "rb")
 
 
 def _decompressed_bytes(data: bytes) -> bytes:
     """Whole-buffer decompression by magic bytes (xz, gzip, bzip2, zstd); raises on a truncated stream."""
-    if data.startswith(b"\xfd7zXZ"):
-        return lzma.decompress(data)
-    if data.startswith(b"\x1f\x8b"):
-        return gzip.decompress(data)
-    if data.startswith(b"BZh"):
-        return bz2.decompress(data)
+    for prefix, _, decompress in _CODECS:
+        if data.startswith(prefix):
+            return decompress(data)
     if data.startswith(b"\x28\xb5\x2f\xfd"):
         try:
             import zstandard

@@ -31,7 +31,7 @@ from pipeline.data import BatchMaker, batches_forever, clean_stale_shared_memory
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import evaluate
 from pipeline.metrics import Metrics, Throughput, detect_peak_tflops
-from pipeline.model import IGNORE_INDEX, Transformer
+from pipeline.model import Transformer
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
@@ -215,6 +215,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     last_loss, last_val = float("nan"), None
     max_steps = config.schedule.max_steps
     schedule = lr_multiplier(config)
+    tokens_per_step = config.data.batch_size * config.data.seq_len  # positions computed, padding included
 
     def save() -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
@@ -234,7 +235,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     try:
         engine.train()
         while step < max_steps:
-            loss_sum, targets_count = 0.0, 0
+            loss_sum = torch.zeros((), device=env.device)  # summed on the device: one sync per step, not per micro
             lr = config.optim.lr * schedule(step)
             set_lr(engine, lr)
             for micro in range(accum):
@@ -242,19 +243,19 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                 inputs, targets = make_batch(batch["tokens"], step=step, micro=micro, rank=env.rank)
                 _, loss = engine(inputs.to(env.device), targets.to(env.device))
                 engine.backward(loss)
-                loss_sum += float(loss.detach())
-                targets_count += int((targets != IGNORE_INDEX).sum())
+                loss_sum += loss.detach().float()
                 if micro == accum - 1:  # before the update: agree on the loss, non-finite, stop
-                    total, count, bad, stops, requeues = distributed.all_reduce_sum(
-                        [loss_sum, targets_count, 0.0 if math.isfinite(loss_sum) else 1.0,
-                         1.0 if stop.requested else 0.0, 1.0 if stop.requeue else 0.0], env)
+                    local = float(loss_sum)
+                    total, bad, stops, requeues = distributed.all_reduce_sum(
+                        [local, 0.0 if math.isfinite(local) else 1.0, 1.0 if stop.requested else 0.0,
+                         1.0 if stop.requeue else 0.0], env)
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped "
                                             f"before the update, nothing after step {step} was saved")
                 engine.step()
             step += 1
-            tokens_seen += int(count)
-            throughput.add(int(count))
+            tokens_seen += tokens_per_step
+            throughput.add(tokens_per_step)
             last_loss = total / (accum * env.world_size)
             grad_norm = _grad_norm(engine)
             record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm}
