@@ -128,7 +128,8 @@ def prep_jsb(input: Path | None, out: Path, *, from_music21: bool, seq_len: int 
     extra: dict[str, Any] = {"window_tokens": window}
     if from_music21:
         input = music21_chorales.cache_path(out)
-        built = music21_chorales.build_music21_json(input, workers=options.resolved_workers, limit=music21_limit)
+        built = music21_chorales.build_music21_json(input, workers=options.resolved_workers, limit=music21_limit,
+                                                     progress=options.progress)
         extra["music21_dropped"] = built["dropped"]
     data = load_jsb_json(input)
     units = shard_slice(jsb_units(data, window), options.shard_index, options.num_shards)

@@ -24,10 +24,12 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 BUILDER_VERSION = 1
 SPLIT_SEED = 1234
@@ -107,7 +109,8 @@ def split_names(names: Sequence[str], seed: int = SPLIT_SEED) -> dict[str, list[
     return {split: sorted(ordered[i] for i in picked[split]) for split in ("train", "valid", "test")}
 
 
-def build_music21_json(path: Path, *, workers: int = 1, limit: int | None = None) -> dict[str, Any]:
+def build_music21_json(path: Path, *, workers: int = 1, limit: int | None = None,
+                       progress: bool = True) -> dict[str, Any]:
     """Build (or reuse, when its `source` matches) the chorale JSON at `path`; return its contents."""
     source = {"builder": BUILDER_VERSION, "music21": music21_version(), "limit": limit, "split_seed": SPLIT_SEED}
     if path.is_file():
@@ -118,12 +121,20 @@ def build_music21_json(path: Path, *, workers: int = 1, limit: int | None = None
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: build it again
     names = chorale_names(limit)
+    bar = tqdm(total=len(names), desc="music21 chorales", unit="piece", disable=not progress, file=sys.stderr)
     if workers > 1:
         # fork: the workers inherit the imported music21 instead of importing it again each.
         with multiprocessing.get_context("fork").Pool(min(workers, len(names) or 1)) as pool:
-            parsed = pool.map(parse_chorale, names, chunksize=4)
+            parsed = []
+            for item in pool.imap(parse_chorale, names, chunksize=4):  # in order, like map
+                parsed.append(item)
+                bar.update(1)
     else:
-        parsed = [parse_chorale(name) for name in names]
+        parsed = []
+        for name in names:
+            parsed.append(parse_chorale(name))
+            bar.update(1)
+    bar.close()
     steps = {name: piece for name, piece, _ in parsed if piece is not None}
     dropped = [{"name": name, "reason": why} for name, piece, why in parsed if piece is None]
     splits = split_names(list(steps))
