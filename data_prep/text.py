@@ -28,6 +28,7 @@ import lzma
 import os
 import tarfile
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -134,6 +135,10 @@ def _sources(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
             raise ValueError(f"input {path} does not exist")
     if not found:
         raise ValueError(f"no text inputs found in {', '.join(map(str, inputs))}")
+    repeated = sorted(name for name, count in Counter(name for _, name in found).items() if count > 1)
+    if repeated:  # names pick the shards and seed the holdout: they must be unique
+        raise ValueError(f"several inputs hold a file named {repeated[0]!r}; give the inputs distinct file names "
+                         "(or one parent folder)")
     return found
 
 

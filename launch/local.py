@@ -63,9 +63,10 @@ def _wait(procs: list[subprocess.Popen]) -> int:
     while True:
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
-        if all(c is not None for c in codes):
-            return next((c for c in codes if c != 0), 0)
-        if failed and failed[0] != EXIT_STOPPED:
+        if all(c is not None for c in codes):  # a real failure wins over "stopped, resume me" (75)
+            return next((c for c in codes if c not in (0, EXIT_STOPPED)), next((c for c in codes if c), 0))
+        crashed = [c for c in failed if c != EXIT_STOPPED]
+        if crashed:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.1)
@@ -73,7 +74,7 @@ def _wait(procs: list[subprocess.Popen]) -> int:
                 if proc.poll() is None:
                     proc.kill()  # a peer stuck in a collective with a dead rank never returns by itself
                 proc.wait()
-            return failed[0]
+            return crashed[0]
         time.sleep(0.1)
 
 

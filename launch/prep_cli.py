@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace, function: str, kwargs: dict, tokenizer: dict 
     if args.shard_index:
         raise ValueError("--shard-index is chosen per array task with --slurm; give --num-shards only")
     slurm = apply_overrides(Config(), args.slurm).slurm
-    return submit_prep(function, kwargs, args.out, args.num_shards, slurm, tokenizer=tokenizer, wait=args.wait)
+    return submit_prep(function, kwargs, args.out, _options(args), slurm, tokenizer=tokenizer, wait=args.wait)
 
 
 def cmd_text(args: argparse.Namespace) -> int:

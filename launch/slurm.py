@@ -117,15 +117,23 @@ class TrainTask:
         except train.StopRequested as stopped:
             # SIGUSR2 (time limit near, preemption notice) asks to continue; SIGTERM (scancel, or a preemption
             # that SLURM requeues by itself) only stops, with the checkpoint saved.
-            requeue = stopped.requeue and "SLURM_JOB_ID" in os.environ and restarts < self.max_requeues
+            requeue = stopped.requeue and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and \
+                restarts < self.max_requeues
             if rank == 0:
                 print(f"pope: {stopped}; " + (f"requeueing job {job_id} (restart {restarts + 1} of at most "
                                               f"{self.max_requeues})" if requeue else "not requeued"), flush=True)
             if requeue:
                 if rank == 0:
-                    _write_state(run, job_id=job_id, restarts=restarts, state="requeued", step=stopped.step)
-                    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=120)
-                _wait_to_be_requeued()
+                    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                          timeout=120)
+                    if done.returncode == 0:
+                        _write_state(run, job_id=job_id, restarts=restarts, state="requeued", step=stopped.step)
+                    else:  # e.g. JobRequeue=0 on this cluster: stop cleanly, the checkpoint stands
+                        print(f"pope: could not requeue job {job_id}: {done.stderr.strip()}; resubmit to resume",
+                              flush=True)
+                        requeue = False
+                if requeue:
+                    _wait_to_be_requeued()
             if rank == 0:
                 _write_state(run, job_id=job_id, restarts=restarts, state="stopped", step=stopped.step)
             return {"stopped": stopped.step, "requeues": restarts}
@@ -164,7 +172,10 @@ def submit_training(config: Config, fresh: bool = False, wait: bool = False) -> 
     tasks = config.slurm.gpus_per_node or config.launch.nproc
     run = prepare_run_dir(config, fresh)
     executor = make_executor(run / "slurm", config.slurm, tasks_per_node=tasks, local=local, name=config.name)
-    job = executor.submit(TrainTask(str(run / "config.yaml"), config.slurm.max_requeues))
+    try:
+        job = executor.submit(TrainTask(str(run / "config.yaml"), config.slurm.max_requeues))
+    except Exception as err:  # noqa: BLE001 - submitit's FailedJobError carries sbatch's own message
+        raise ValueError(f"submission failed: {' '.join(str(err).split())[:500]}") from None
     script = run / "slurm" / f"{job.job_id}_submission.sh"
     record = {"job_id": str(job.job_id), "executor": "local" if local else "slurm",
               "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
@@ -181,15 +192,13 @@ def submit_training(config: Config, fresh: bool = False, wait: bool = False) -> 
 
 
 def wait_for_run(run: Path, job_id: str, local_job: Any = None, poll_s: float = 2.0) -> int:
-    """Block until the job has finished (through any requeues); 0 when it completed."""
+    """Block until the job has left the queue (a requeued job stays in it, pending); 0 when it completed."""
     while True:
         if local_job is not None:
             if local_job.done():
                 break
         elif job_state(job_id) is None:
-            state = _read_state(run).get("state")
-            if state != "requeued":
-                break
+            break
         time.sleep(poll_s)
     state = _read_state(run)
     print(f"job {job_id}: {state.get('state', 'unknown')} at step {state.get('step', '?')}, "
@@ -200,14 +209,24 @@ def wait_for_run(run: Path, job_id: str, local_job: Any = None, poll_s: float = 
 # --------------------------------------------------------------------------------------------- status, cancel
 
 
-def job_state(job_id: str) -> str | None:
-    """The job's SLURM state from squeue (None once it has left the queue)."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    states = out.stdout.split()
-    return states[0] if out.returncode == 0 and states else None
+def job_state(job_id: str, attempts: int = 5) -> str | None:
+    """The job's SLURM state from squeue; None once it has left the queue. A failing squeue is retried, then
+    reported, rather than mistaken for a finished job."""
+    for attempt in range(attempts):
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            out, error = None, str(err)
+        else:
+            error = out.stderr.strip()
+            if out.returncode == 0:
+                states = out.stdout.split()
+                return states[0] if states else None
+            if "Invalid job id" in error:  # squeue's answer for a job that has left the queue
+                return None
+        time.sleep(min(2 ** attempt, 10))
+    raise ValueError(f"squeue keeps failing for job {job_id}: {error}")
 
 
 def _read_state(run: Path) -> dict[str, Any]:
@@ -229,8 +248,7 @@ def status(run: Path) -> str:
     job_id = submission["job_id"]
     state = _read_state(run)
     queue = job_state(job_id) if submission["executor"] == "slurm" else None
-    steps = [json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").exists() else []
+    steps = _logged_steps(run / "metrics.jsonl")
     latest = (run / "checkpoints" / "latest").read_text().strip() if (run / "checkpoints" / "latest").exists() \
         else "none"
     lines = [f"run        {run}",
@@ -245,13 +263,29 @@ def status(run: Path) -> str:
     return "\n".join(lines)
 
 
+def _logged_steps(path: Path) -> list[int]:
+    """Steps in metrics.jsonl; a line torn by a killed writer is skipped."""
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, AttributeError, ValueError):
+            continue
+    return steps
+
+
 def cancel(run: Path) -> str:
     submission = _submission(Path(run))
     if submission["executor"] != "slurm":
         raise ValueError(f"{run} runs under submitit's local executor; stop it with Ctrl-C where it runs")
     require_slurm()
-    subprocess.run(["scancel", submission["job_id"]], check=True, timeout=60)
-    return f"cancelled job {submission['job_id']} ({run})"
+    job_id = submission["job_id"]
+    if job_state(job_id) is None:
+        return f"job {job_id} is no longer in the queue ({run})"
+    done = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise ValueError(f"scancel {job_id} failed: {done.stderr.strip()}")
+    return f"cancelled job {job_id} ({run})"
 
 
 # ------------------------------------------------------------------------------------------------ prep arrays
@@ -264,8 +298,7 @@ class PrepTask:
     function: str  # "module:function"
     kwargs: dict[str, Any]
     parts: str
-    num_shards: int
-    workers: int
+    options: dict[str, Any]  # PrepOptions fields; shard_index is this task's
 
     def __call__(self, shard_index: int) -> str:
         from data_prep.parallel import PrepOptions
@@ -273,9 +306,7 @@ class PrepTask:
         module, name = self.function.split(":")
         function: Callable[..., Any] = getattr(__import__(module, fromlist=[name]), name)
         out = Path(self.parts) / f"part-{shard_index:05d}"
-        options = PrepOptions(workers=self.workers, shard_index=shard_index, num_shards=self.num_shards,
-                              progress=False)
-        function(out=out, options=options, **self.kwargs)
+        function(out=out, options=PrepOptions(**{**self.options, "shard_index": shard_index}), **self.kwargs)
         return str(out)
 
 
@@ -283,11 +314,12 @@ class PrepTask:
 class MergeTask:
     out: str
     parts: list[str]
+    overwrite: bool
 
     def __call__(self) -> str:
         from data_prep.shards import merge_parts
 
-        merge_parts(Path(self.out), [Path(p) for p in self.parts], overwrite=True)
+        merge_parts(Path(self.out), [Path(p) for p in self.parts], overwrite=self.overwrite)
         return self.out
 
 
@@ -306,11 +338,21 @@ class TokenizerTask:
         return self.model_path
 
 
-def submit_prep(function: str, kwargs: dict[str, Any], out: Path, num_shards: int, slurm: SlurmConfig,
+def submit_prep(function: str, kwargs: dict[str, Any], out: Path, options: Any, slurm: SlurmConfig,
                 tokenizer: dict[str, Any] | None = None, wait: bool = False) -> int:
-    """Submit a prep as an array of `num_shards` tasks plus a merge job that waits for all of them."""
+    """Submit a prep as an array of `options.num_shards` tasks plus a merge job that waits for all of them.
+
+    `options` (PrepOptions) carries what the user asked for: overwrite, compression, the skip fraction; the
+    workers of each task are its `slurm.cpus_per_task`.
+    """
     require_slurm()
     out = Path(out).resolve()
+    num_shards = options.num_shards
+    from data_prep.contract import DONE
+
+    if (out / DONE).exists() and not options.overwrite:
+        raise ValueError(f"{out} already holds a finished prep; a job array always rebuilds it, so pass --overwrite "
+                         "to replace it (or prepare into another folder)")
     parts = out.parent / f"{out.name}.parts"
     folder = parts / "slurm"
     dependency = None
@@ -328,7 +370,8 @@ def submit_prep(function: str, kwargs: dict[str, Any], out: Path, num_shards: in
         extra.update({"dependency": f"afterok:{dependency}", "kill-on-invalid-dep": "yes"})
     executor.update_parameters(nodes=1, slurm_array_parallelism=slurm.array_parallelism,
                                slurm_additional_parameters=extra)
-    task = PrepTask(function, kwargs, str(parts), num_shards, slurm.cpus_per_task)
+    task = PrepTask(function, kwargs, str(parts), {**dataclasses.asdict(options), "workers": slurm.cpus_per_task,
+                                                   "progress": False})
     jobs = executor.map_array(task, list(range(num_shards)))
     array_id = str(jobs[0].job_id).split("_")[0]
     merge = make_executor(folder, slurm, tasks_per_node=1, local=False, name=f"{out.name}-merge")
@@ -337,7 +380,7 @@ def submit_prep(function: str, kwargs: dict[str, Any], out: Path, num_shards: in
                                                                   "dependency": f"afterok:{array_id}",
                                                                   "kill-on-invalid-dep": "yes"})
     part_dirs = [str(parts / f"part-{i:05d}") for i in range(num_shards)]
-    merge_job = merge.submit(MergeTask(str(out), part_dirs))
+    merge_job = merge.submit(MergeTask(str(out), part_dirs, options.overwrite))
     print(f"prep array job {array_id} ({num_shards} tasks) → {parts}/part-*; merge job {merge_job.job_id} → {out}")
     if not wait:
         return 0

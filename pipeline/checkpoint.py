@@ -96,13 +96,16 @@ class Checkpointer:
         return path
 
     def _prune(self, newest: int) -> None:
-        complete = self.complete_steps()
+        """Keep the `keep_last` newest checkpoints up to `newest`; drop older ones and interrupted saves.
+
+        Folders past `newest` are from a future this run did not resume from (damaged, or never completed):
+        they go too, so they can neither crowd good checkpoints out of the kept ones nor be found later.
+        """
+        complete = [s for s in self.complete_steps() if s <= newest]
         keep = set(complete[-self.keep_last:])
         for entry in self.folder.glob(f"{PREFIX}*"):
             step = _step_of(entry)
-            if step is None or step in keep:
-                continue
-            if step in complete or step < newest:  # old complete ones, and interrupted saves behind the newest
+            if step is not None and step not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -135,9 +138,15 @@ class Checkpointer:
                 raise ValueError(_mismatch_message(key, stored.get(key), value, self.folder.parent))
 
     def load(self, engine: Any) -> dict[str, Any] | None:
-        """Load the newest usable checkpoint into `engine` and restore RNG; returns its client state or None."""
-        for step in reversed(self.complete_steps()):
+        """Load the newest usable checkpoint into `engine` and restore RNG; returns its client state, or None
+        when the run has no checkpoint. Checkpoints that exist but none of which loads are an error, not a
+        reason to start over silently."""
+        steps = self.complete_steps()
+        for step in reversed(steps):
             reason = self.damage(step)
+            # Every rank must take the same branch (the load below is collective): damaged anywhere, skip.
+            if distributed.all_reduce_sum([0.0 if reason is None else 1.0], self.env)[0] and reason is None:
+                reason = "damaged as seen from another rank"
             if reason is None:
                 self.check_identity(step)
                 try:
@@ -155,6 +164,9 @@ class Checkpointer:
                 reason = reason or "loading failed on another rank"
             if self.env.is_main:
                 warnings.warn(f"skipping damaged checkpoint {self.folder / tag_for(step)}: {reason}", stacklevel=2)
+        if steps:
+            raise ValueError(f"none of the {len(steps)} checkpoints in {self.folder} can be loaded (see the warnings); "
+                             "move them away to keep them, or start over with --fresh")
         return None
 
 

@@ -96,13 +96,19 @@ def make_loader(dataset: Dataset, cfg: DataConfig, split: str, train: bool) -> A
 
 
 def batches_forever(loader: Any) -> Iterator[dict[str, list[np.ndarray]]]:
-    """Batches across epochs: a new pass over the split begins where the last one ended."""
+    """Batches across epochs: a new pass over the split begins where the last one ended.
+
+    One empty pass is normal: a run resumed from a checkpoint taken right after an epoch's last full batch
+    starts at the end of that epoch. Two in a row mean the split cannot fill one batch.
+    """
+    empty_passes = 0
     while True:
         empty = True
         for batch in loader:
             empty = False
             yield batch
-        if empty:
+        empty_passes = empty_passes + 1 if empty else 0
+        if empty_passes >= 2:
             raise ValueError("the training split yields no batch: fewer samples than processes × micro-batch")
 
 
@@ -131,6 +137,9 @@ class BatchMaker:
         targets = torch.full((batch, self.seq_len), IGNORE_INDEX, dtype=torch.long)
         for row, sample in enumerate(samples):
             tokens = np.asarray(sample, dtype=np.int64)
+            if self.loss_on == "last" and len(tokens) > self.seq_len + 1:
+                raise ValueError(f"a sample of {len(tokens)} tokens is longer than data.seq_len+1 with "
+                                 f"data.loss_on=last: its final token would be cut off; raise data.seq_len")
             if augment:
                 tokens = self._augment(tokens, rng)
             tokens = torch.from_numpy(tokens[: self.seq_len + 1])

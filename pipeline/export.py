@@ -1,6 +1,8 @@
 """Weights out of a run: the newest checkpoint consolidated to one fp32 state dict, for evaluation and export.
 
-`pope export RUN --out DIR` writes DIR/model.safetensors (fp32, parameter names of pipeline.model.Transformer),
+`pope export RUN --out DIR` writes DIR/model.safetensors (fp32, parameter names of pipeline.model.Transformer; with
+ZeRO 1-3 DeepSpeed's fp32 master weights, with ZeRO-0 the module's weights, which bf16/fp16 runs hold in half
+precision),
 DIR/config.yaml (the run's resolved config), DIR/model.json (what is needed to rebuild the model, the step and the
 dataset hash) and DIR/tokenizer/ with DIR/manifest.json (the dataset's tokenizer, so ids can be decoded).
 Rebuild with `load_exported(DIR)`.

@@ -321,6 +321,10 @@ def entry(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"pope: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("pope: interrupted (the last checkpoint stands; the same command resumes)", file=sys.stderr)
+        return 130
     return 0
 
 

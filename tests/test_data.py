@@ -104,3 +104,26 @@ def test_augmentations_are_deterministic_per_step(tmp_path):
         shifts = (shifted[1][row] - plain[row])[pitches[row]].unique().tolist()
         assert len(shifts) == 1 and -3 <= shifts[0] <= 3
         assert torch.equal(shifted[1][row][~pitches[row]], plain[row][~pitches[row]])
+
+
+def test_resume_at_an_epoch_boundary_continues_into_the_next_epoch(indirect):
+    from pipeline.data import batches_forever, make_loader
+
+    config = config_for(indirect, "data.seq_len=64", "model.max_seq_len=64", "data.micro_batch_size=50",
+                        "data.num_workers=0")
+    dataset = open_dataset(config)
+    loader = make_loader(dataset, config.data, "train", train=True)
+    epoch = [b["tokens"] for b in loader]  # 300 samples: exactly 6 batches
+    assert len(epoch) == 6
+    state = loader.state_dict()  # taken after the epoch's last batch
+    resumed = make_loader(dataset, config.data, "train", train=True)
+    resumed.load_state_dict(state)
+    batch = next(batches_forever(resumed))  # the first pass is empty; the next epoch follows
+    assert len(batch["tokens"]) == 50
+
+
+def test_loss_on_last_refuses_to_cut_the_target(indirect):
+    config = config_for(indirect, "data.seq_len=16", "model.max_seq_len=16", "data.loss_on=last")
+    make = BatchMaker(config, open_dataset(config))
+    with pytest.raises(ValueError, match="final token would be cut off"):
+        make([np.arange(30)])

@@ -231,7 +231,7 @@ def test_sharded_prep_and_merge_equal_single_prep(corpus, tmp_path):
 def test_killed_prep_leaves_no_done_and_rerun_completes(tmp_path):
     data = tmp_path / "big"
     data.mkdir()
-    for k in range(60):
+    for k in range(120):
         docs = make_docs(60, 100 + k)
         (data / f"{k:03d}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     out = tmp_path / "out"
@@ -240,8 +240,9 @@ def test_killed_prep_leaves_no_done_and_rerun_completes(tmp_path):
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(tmp_path.glob(".out.tmp-*/train/shard.*")):
+    while time.monotonic() < deadline and not any(tmp_path.glob(".out.tmp-*/tokenizer/spm.model")):
         time.sleep(0.005)
+    time.sleep(0.3)  # the tokenizer is trained and saved: the prep is now writing samples
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert any(tmp_path.glob(".out.tmp-*")), "the prep finished before it could be killed"
@@ -268,3 +269,11 @@ def test_no_sample_and_missing_inputs_fail_with_one_line(tmp_path):
         prep_text([tmp_path / "missing"], tmp_path / "o", options=opts())
     with pytest.raises(ValueError, match="no readable document|no sample"):
         prep_text([tmp_path / "empty.jsonl"], tmp_path / "o", vocab_size=400, options=opts())
+
+
+def test_repeated_file_names_across_inputs_are_refused(tmp_path):
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match="several inputs hold a file named 'a.jsonl'"):
+        prep_text([tmp_path / "d1", tmp_path / "d2"], tmp_path / "o", options=opts(num_shards=2))
