@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from data_prep.mds import SHM_NAMESPACE_ENV
 from pipeline.config import Config, SlurmConfig, load_config, to_dict
 
 SUBMISSION = "submission.json"
@@ -54,6 +55,9 @@ def make_executor(folder: Path, slurm: SlurmConfig, *, tasks_per_node: int, loca
         params["gpus_per_node"] = slurm.gpus_per_node
     if not local:
         params.update(slurm_signal_delay_s=int(slurm.signal_minutes * 60),
+                      # One task failing ends the step: its peers would otherwise wait in a collective until the
+                      # process group's timeout (30 minutes), holding the GPUs.
+                      slurm_srun_args=["--kill-on-bad-exit=1"],
                       # The batch shell must survive `scancel --full --signal=USR2`: only the tasks act on it.
                       slurm_setup=["trap 'true' USR2"])
         for key in ("partition", "account", "qos", "constraint", "mem"):
@@ -110,6 +114,11 @@ class TrainTask:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         run = Path(self.config_path).parent
         job_id = os.environ.get("SLURM_JOB_ID", "local")
+        # Every task of this job (this incarnation) shares streaming's shared-memory namespace; no other job does.
+        import submitit
+
+        job_key = "".join(c if c.isalnum() else "." for c in str(submitit.JobEnvironment().job_id))
+        os.environ[SHM_NAMESPACE_ENV] = f"S{job_key}r{restarts}"
         if rank == 0:
             _write_state(run, job_id=job_id, restarts=restarts, state="running")
         try:
@@ -159,7 +168,7 @@ def _write_state(run: Path, **state: Any) -> None:
     os.replace(tmp, path)
 
 
-def submit_training(config: Config, fresh: bool = False, wait: bool = False) -> int:
+def submit_training(config: Config, fresh: bool = False, wait: bool = False, adopt: bool = False) -> int:
     """`pope submit`: submit the config's training; print the job id and run folder."""
     from pipeline.train import prepare_run_dir
 
@@ -170,7 +179,7 @@ def submit_training(config: Config, fresh: bool = False, wait: bool = False) -> 
         require_slurm()
     open_dataset(dataclasses.replace(config, model=dataclasses.replace(config.model)))  # fail now, not in the queue
     tasks = config.slurm.gpus_per_node or config.launch.nproc
-    run = prepare_run_dir(config, fresh)
+    run = prepare_run_dir(config, fresh, adopt)
     executor = make_executor(run / "slurm", config.slurm, tasks_per_node=tasks, local=local, name=config.name)
     try:
         job = executor.submit(TrainTask(str(run / "config.yaml"), config.slurm.max_requeues))

@@ -11,6 +11,8 @@ a resumed run's batches identical to an uninterrupted run's, which worker-side r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 
 from data_prep.contract import manifest_hash, read_manifest
-from data_prep.mds import TOKENS_COLUMN, import_streaming
+from data_prep.lifetime import loader_worker_init
+from data_prep.mds import TOKENS_COLUMN, import_streaming, remove_dead_segments
 from data_prep.tokenizers import load_tokenizer
 from pipeline.config import Config, DataConfig
 from pipeline.distributed import DistEnv
@@ -72,13 +75,17 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
     return {TOKENS_COLUMN: [s[TOKENS_COLUMN] for s in samples]}
 
 
-def clean_stale_shared_memory() -> None:
-    """Remove shared-memory segments a killed earlier run left in /dev/shm (collective: every rank calls it).
+def clean_stale_shared_memory(env: DistEnv) -> None:
+    """Remove the shared-memory segments dead processes left in /dev/shm (collective: every rank calls it).
 
-    streaming's cleaner removes every segment of its naming scheme on this node, so two runs on one node must
-    not start at the same moment; a running one is safe once its datasets exist.
+    Only segments no live process holds are removed (data_prep/mds.py), so other jobs on the node, running or
+    starting, are never touched; each job's segments live in a namespace of its own anyway.
     """
-    import_streaming().base.util.clean_stale_shared_memory()
+    from pipeline import distributed
+
+    if env.local_rank == 0:
+        remove_dead_segments()
+    distributed.barrier(env)
 
 
 def make_loader(dataset: Dataset, cfg: DataConfig, split: str, train: bool) -> Any:
@@ -92,7 +99,8 @@ def make_loader(dataset: Dataset, cfg: DataConfig, split: str, train: bool) -> A
     generator = torch.Generator().manual_seed(cfg.shuffle_seed)
     return streaming.StreamingDataLoader(
         streaming_dataset, batch_size=cfg.micro_batch_size, collate_fn=_collate, num_workers=cfg.num_workers,
-        drop_last=train, persistent_workers=False, generator=generator)
+        drop_last=train, persistent_workers=False, generator=generator,
+        worker_init_fn=functools.partial(loader_worker_init, os.getpid()))
 
 
 def batches_forever(loader: Any) -> Iterator[dict[str, list[np.ndarray]]]:
