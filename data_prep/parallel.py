@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.lifetime import die_with_parent
 from data_prep.shards import ShardWriter
 
 T = TypeVar("T")
@@ -126,13 +127,21 @@ def _run_pool(units: Iterable[Any], work: Callable[[Any], UnitResult], consume: 
     context = multiprocessing.get_context("fork")
     in_flight: deque[Future] = deque()
     limit = 2 * workers  # bounded: a slow unit does not let finished results pile up in memory
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
+                             initargs=(os.getpid(), initializer, initargs)) as pool:
         for unit in units:
             in_flight.append(pool.submit(work, unit))
             while len(in_flight) >= limit:
                 consume(in_flight.popleft().result())
         while in_flight:
             consume(in_flight.popleft().result())
+
+
+def _worker_start(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """First thing in a pool worker: die with the prep (a SIGKILLed prep leaves no worker behind), then set up."""
+    die_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def pack(tokens: np.ndarray, length: int) -> list[np.ndarray]:

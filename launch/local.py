@@ -9,7 +9,6 @@ the whole process group directly.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,8 +16,12 @@ import subprocess
 import sys
 import time
 
+from data_prep.lifetime import die_with_parent
+from data_prep.mds import SHM_NAMESPACE_ENV, remove_dead_segments
 from pipeline.config import Config
 from pipeline.train import EXIT_STOPPED, prepare_run_dir
+
+GRACE_S = 5.0  # after a rank fails, how long the others get to fail by themselves before they are killed
 
 
 def free_port() -> int:
@@ -31,19 +34,22 @@ def process_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    # One shared-memory namespace per job: streaming's segments never meet another job's on this node.
+    env[SHM_NAMESPACE_ENV] = f"L{os.getpid()}"
     # Several CPU processes on one machine: share the cores instead of each taking all of them.
     if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     return env
 
 
-def launch_local(config: Config, fresh: bool = False) -> int:
+def launch_local(config: Config, fresh: bool = False, adopt: bool = False) -> int:
     """Run the config's training with launch.nproc processes here; returns the exit code."""
-    folder = prepare_run_dir(config, fresh)
+    folder = prepare_run_dir(config, fresh, adopt)
     nproc, port = config.launch.nproc, free_port()
     command = [sys.executable, "-m", "pipeline.train", str(folder / "config.yaml")]
-    procs = [subprocess.Popen(command, env=process_env(rank, nproc, port), preexec_fn=_die_with_parent)
-             for rank in range(nproc)]
+    launcher = os.getpid()
+    procs = [subprocess.Popen(command, env=process_env(rank, nproc, port),
+                              preexec_fn=lambda: die_with_parent(launcher)) for rank in range(nproc)]
 
     def forward(signum: int, frame: object) -> None:
         for proc in procs:
@@ -56,6 +62,7 @@ def launch_local(config: Config, fresh: bool = False) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        remove_dead_segments()  # what killed ranks left in /dev/shm, and streaming's lock files in /tmp
 
 
 def _wait(procs: list[subprocess.Popen]) -> int:
@@ -67,7 +74,7 @@ def _wait(procs: list[subprocess.Popen]) -> int:
             return next((c for c in codes if c not in (0, EXIT_STOPPED)), next((c for c in codes if c), 0))
         crashed = [c for c in failed if c != EXIT_STOPPED]
         if crashed:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + GRACE_S
             while time.monotonic() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.1)
             for proc in procs:
@@ -76,11 +83,3 @@ def _wait(procs: list[subprocess.Popen]) -> int:
                 proc.wait()
             return crashed[0]
         time.sleep(0.1)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGKILL it when the launcher exits (prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: children then outlive a killed launcher
