@@ -1,17 +1,25 @@
-"""Checkpoints: DeepSpeed's collective save plus client state, published last; resume from the newest whole one.
+"""Checkpoints: DeepSpeed's collective save plus client state, published last, verified by content on resume.
 
 Layout of RUN/checkpoints/:
 - `stepNNNNNNNN/`: DeepSpeed's files (model states, each rank's optimizer shard), `rng_rankNNNNN.pt` (each
-  rank's python/numpy/torch/cuda RNG states), and `COMPLETE.json`, written by rank 0 only after every rank has
-  finished writing. It lists every file with its size, the step, and the run's identity (model config, dataset
-  hash, world size, ZeRO stage). A folder without it is an interrupted save and is ignored.
+  rank's python/numpy/torch/cuda RNG states, as tensors and plain types), `SAVING.json` (written by rank 0 before
+  anything else: this folder is a save of this program) and `COMPLETE.json`, written by rank 0 only after every
+  rank has finished writing. COMPLETE.json lists every file with its size and its xxh3-128 checksum (the ranks
+  hash their shares of the files in parallel), the step, and the run's identity (model config, dataset hash,
+  world size, ZeRO stage). A folder without it is an interrupted save.
 - `latest`: the newest complete tag, replaced atomically after COMPLETE.json (for people and `pope status`).
 
-On start the newest checkpoint whose COMPLETE.json is present and whose files still have the listed sizes is
-loaded; a damaged newer one is skipped with a warning. A checkpoint of another model config or dataset is refused.
-A different world size is refused as well: ZeRO partitions the optimizer state by rank, and streaming's position
-is counted in global samples but the ranks' shares would change; convert with DeepSpeed's universal checkpoint
-tools, or start a new run from exported weights.
+On start the newest checkpoint whose COMPLETE.json is present and whose files all still have the listed sizes and
+checksums is loaded; a damaged newer one (missing, truncated, or changed in place) is skipped with a warning.
+Before DeepSpeed reads a file, pipeline/safe_load.py checks that it holds no code, and the whole process loads
+with torch's weights-only unpickler: a planted payload is refused in one line, never run. A checkpoint of another
+model config or dataset is refused, and so is a different world size (ZeRO partitions the optimizer state by
+rank); convert with DeepSpeed's universal checkpoint tools, or start a new run from exported weights.
+
+What a run may delete: only folders this program wrote (COMPLETE.json or SAVING.json). Checkpoint folders it did
+not write (copied in, written by another tool or by a version without markers) are never deleted or overwritten;
+when no complete checkpoint exists beside them the run stops and says so (`--fresh` to start over, which removes
+them, or `--adopt-checkpoints` to mark them complete as they are and resume from them).
 """
 
 from __future__ import annotations
@@ -28,16 +36,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, safe_load
 from pipeline.distributed import DistEnv
 
 MARKER = "COMPLETE.json"
+SAVING = "SAVING.json"
 LATEST = "latest"
 PREFIX = "step"
+HASH = "xxh3_128"
 
 
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -49,19 +64,123 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def hash_file(path: Path, chunk: int = 1 << 24) -> str:
+    """xxh3-128 of a file's bytes: about 4.5 GB/s from the page cache on one core, so the disk is the limit."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ RNG
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain types (what a weights-only load accepts)."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain types
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        np.random.set_state({"bit_generator": numpy_state["bit_generator"],
+                             "state": {"key": numpy_state["key"].numpy().astype(np.uint32),
+                                       "pos": numpy_state["pos"]},
+                             "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    else:  # written before RNG states were stored as tensors: numpy's legacy tuple
+        np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- what is in a folder
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous complete one stands."""
+
+
+def _write_failure(path: Path, err: BaseException, complete: list[int]) -> str:
+    """One line: which checkpoint failed, why (a full disk named as such), and what still stands."""
+    try:
+        stat = os.statvfs(path.parent)
+        full = stat.f_bavail * stat.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full or (isinstance(err, OSError) and err.errno == 28):
+        why = "no space left on device"
+    elif isinstance(err, OSError):
+        why = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    else:
+        why = " ".join(str(err).split())[:200]
+    stands = f"the last complete checkpoint, {tag_for(complete[-1])}, stands" if complete else \
+        "no complete checkpoint exists yet"
+    return f"could not write checkpoint {path}: {why}; {stands} (the partial folder is removed at the next save)"
+
+
+class ForeignCheckpoints(ValueError):
+    """Checkpoint folders this program did not write, and no complete checkpoint of its own beside them."""
+
+
+def foreign_folders(folder: Path) -> list[Path]:
+    """Folders under RUN/checkpoints that this program did not write: neither COMPLETE.json nor SAVING.json."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not (p / MARKER).is_file()
+                  and not (p / SAVING).is_file())
+
+
+def adopt(folder: Path) -> list[Path]:
+    """Mark the unmarked `stepNNNNNNNN` folders under `folder` complete as they are (`--adopt-checkpoints`).
+
+    Their files are recorded with sizes and checksums, so later damage is noticed; their identity is unknown, so a
+    resume checks it through DeepSpeed's own load (a shape or world-size mismatch fails there). Folders not named
+    like this program's checkpoints cannot be resumed from (the step is in the name) and are refused.
+    """
+    adopted = []
+    for path in foreign_folders(folder):
+        step = _step_of(path)
+        if step is None:
+            raise ValueError(f"cannot adopt {path}: pope-pretrain checkpoints are named {PREFIX}NNNNNNNN (the step); "
+                             "move it out of the checkpoints folder")
+        files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, HASH: hash_file(p)}
+                 for p in sorted(path.rglob("*")) if p.is_file()}
+        marker = {"step": step, "identity": {}, "files": files, "adopted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
+        adopted.append(path)
+    return adopted
+
+
+def verify_files(path: Path, names: list[str], listed: dict[str, Any]) -> str | None:
+    """Why some of `names` (files of checkpoint `path`) do not match COMPLETE.json, or None."""
+    for name in names:
+        file, entry = path / name, listed[name]
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry.get(HASH))
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if digest is not None and hash_file(file) != digest:
+            return f"{name} changed since it was written (checksum mismatch)"
+    return None
 
 
 class Checkpointer:
@@ -76,36 +195,54 @@ class Checkpointer:
         """Collective: every rank calls it at the same step boundary."""
         tag = tag_for(step)
         path = self.folder / tag
-        if self.env.is_main and (path / MARKER).exists():
-            (path / MARKER).unlink()  # re-saving a step (a resumed run saving again) unpublishes it first
-        distributed.barrier(self.env)
-        engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
-        rng_file = path / f"rng_rank{self.env.rank:05d}.pt"
-        torch.save(rng_state(), rng_file.with_suffix(".tmp"))
-        os.replace(rng_file.with_suffix(".tmp"), rng_file)
-        distributed.barrier(self.env)  # every rank's files are on disk
+        if path.exists() and not (path / MARKER).is_file() and not (path / SAVING).is_file():
+            raise ValueError(f"{path} exists and was not written by this run; it is never overwritten: move it "
+                             "away, or adopt it with --adopt-checkpoints")
+        distributed.barrier(self.env)  # every rank has looked before rank 0 marks the folder as its own
         if self.env.is_main:
-            files = {p.relative_to(path).as_posix(): p.stat().st_size
-                     for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
-            marker = {"step": step, "identity": self.identity, "files": files,
+            path.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path / SAVING, json.dumps({"step": step, "started": time.time()}) + "\n")
+            (path / MARKER).unlink(missing_ok=True)  # re-saving a step (a resumed run saving again) unpublishes it
+        distributed.barrier(self.env)
+        try:
+            engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+            rng_file = path / f"rng_rank{self.env.rank:05d}.pt"
+            torch.save(rng_state(), rng_file.with_suffix(".tmp"))
+            os.replace(rng_file.with_suffix(".tmp"), rng_file)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            raise CheckpointWriteError(_write_failure(path, err, self.complete_steps())) from None
+        distributed.barrier(self.env)  # every rank's files are on disk
+        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                       if p.is_file() and p.name not in (MARKER, SAVING))
+        mine = {name: {"size": (path / name).stat().st_size, HASH: hash_file(path / name)}
+                for name in names[self.env.rank::self.env.world_size]}  # each rank hashes its share
+        shares = distributed.all_gather(mine, self.env)
+        if self.env.is_main:
+            files = {name: entry for share in shares for name, entry in share.items()}
+            marker = {"step": step, "identity": self.identity, "files": dict(sorted(files.items())),
                       "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
-            _atomic_write(self.folder / LATEST, tag + "\n")
+            try:
+                _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
+                _atomic_write(self.folder / LATEST, tag + "\n")
+            except OSError as err:
+                raise CheckpointWriteError(_write_failure(path, err, self.complete_steps())) from None
             self._prune(step)
         distributed.barrier(self.env)
         return path
 
     def _prune(self, newest: int) -> None:
-        """Keep the `keep_last` newest checkpoints up to `newest`; drop older ones and interrupted saves.
+        """Keep the `keep_last` newest complete checkpoints up to `newest`; drop older ones and interrupted saves.
 
-        Folders past `newest` are from a future this run did not resume from (damaged, or never completed):
-        they go too, so they can neither crowd good checkpoints out of the kept ones nor be found later.
+        Only folders this program wrote are candidates (COMPLETE.json or SAVING.json). Those past `newest` are from
+        a future this run did not resume from (damaged, or never completed): they go too, so they can neither crowd
+        good checkpoints out of the kept ones nor be found later.
         """
         complete = [s for s in self.complete_steps() if s <= newest]
         keep = set(complete[-self.keep_last:])
         for entry in self.folder.glob(f"{PREFIX}*"):
             step = _step_of(entry)
-            if step is not None and step not in keep:
+            ours = (entry / MARKER).is_file() or (entry / SAVING).is_file()
+            if step is not None and ours and step not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -115,47 +252,69 @@ class Checkpointer:
         steps = [_step_of(p) for p in self.folder.glob(f"{PREFIX}*") if (p / MARKER).is_file()]
         return sorted(s for s in steps if s is not None)
 
-    def damage(self, step: int) -> str | None:
-        """Why checkpoint `step` cannot be used, or None when its files are all there with their sizes."""
-        path = self.folder / tag_for(step)
+    def _listed(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            marker = json.loads((path / MARKER).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            return f"unreadable {MARKER}: {err}"
-        for name, size in marker["files"].items():
-            file = path / name
-            if not file.is_file():
-                return f"{name} is missing"
-            if file.stat().st_size != size:
-                return f"{name} has {file.stat().st_size} bytes, {size} were written"
-        return None
+            return json.loads((self.folder / tag_for(step) / MARKER).read_text())["files"], None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return None, f"unreadable {MARKER}: {err}"
+
+    def damage(self, step: int) -> str | None:
+        """Why checkpoint `step` cannot be used, or None when its files are all there, unchanged (one process)."""
+        listed, reason = self._listed(step)
+        return reason if listed is None else verify_files(self.folder / tag_for(step), sorted(listed), listed)
+
+    def damage_collective(self, step: int) -> str | None:
+        """`damage`, with the checksums shared out over the ranks; every rank gets the same answer."""
+        listed, reason = self._listed(step)
+        if listed is not None:
+            names = sorted(listed)[self.env.rank::self.env.world_size]
+            reason = verify_files(self.folder / tag_for(step), names, listed)
+        reasons = [r for r in distributed.all_gather(reason, self.env) if r is not None]
+        return reasons[0] if reasons else None
+
+    def check_safe(self, step: int) -> None:
+        """Refuse (one line naming the file) any file of checkpoint `step` that could run code when loaded."""
+        for file in sorted((self.folder / tag_for(step)).rglob("*.pt")):
+            safe_load.check_file(file)
 
     def check_identity(self, step: int) -> None:
         """Refuse a checkpoint of another model, dataset or world size, naming what differs."""
         stored = json.loads((self.folder / tag_for(step) / MARKER).read_text())["identity"]
         for key, value in self.identity.items():
-            if stored.get(key) != value:
-                raise ValueError(_mismatch_message(key, stored.get(key), value, self.folder.parent))
+            if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
+                raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))
 
     def load(self, engine: Any) -> dict[str, Any] | None:
         """Load the newest usable checkpoint into `engine` and restore RNG; returns its client state, or None
         when the run has no checkpoint. Checkpoints that exist but none of which loads are an error, not a
-        reason to start over silently."""
+        reason to start over silently; so are checkpoint folders this program did not write."""
         steps = self.complete_steps()
+        foreign = foreign_folders(self.folder)
+        if foreign and not steps:
+            names = ", ".join(p.name for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                                               else "")
+            raise ForeignCheckpoints(
+                f"{self.folder} holds checkpoint folders that no save of this run marked complete ({names}); they "
+                "are never loaded, overwritten or deleted unasked: start over with --fresh (removes them), adopt "
+                "them as they are with --adopt-checkpoints, or move them away")
+        if foreign and self.env.is_main:
+            warnings.warn(f"leaving alone folders in {self.folder} that this run did not write: "
+                          f"{', '.join(p.name for p in foreign)}", stacklevel=2)
+        safe_load.enforce()
         for step in reversed(steps):
-            reason = self.damage(step)
-            # Every rank must take the same branch (the load below is collective): damaged anywhere, skip.
-            if distributed.all_reduce_sum([0.0 if reason is None else 1.0], self.env)[0] and reason is None:
-                reason = "damaged as seen from another rank"
+            reason = self.damage_collective(step)
             if reason is None:
                 self.check_identity(step)
+                self.check_safe(step)
                 try:
                     _, client_state = engine.load_checkpoint(str(self.folder), tag=tag_for(step),
                                                              load_optimizer_states=True,
                                                              load_lr_scheduler_states=False)
-                    rng = torch.load(self.folder / tag_for(step) / f"rng_rank{self.env.rank:05d}.pt",
-                                     weights_only=False)
-                    ok = client_state is not None
+                    rng = safe_load.load(self.folder / tag_for(step) / f"rng_rank{self.env.rank:05d}.pt")
+                    ok = client_state is not None and "step" in client_state
+                    reason = None if ok else "not a pope-pretrain checkpoint (no step in its client state)"
+                except safe_load.UnsafeCheckpoint:
+                    raise
                 except Exception as err:  # noqa: BLE001 - any failure: try the next older checkpoint
                     reason, ok = f"loading failed: {type(err).__name__}: {err}", False
                 if distributed.all_reduce_sum([0.0 if ok else 1.0], self.env)[0] == 0:
@@ -168,11 +327,6 @@ class Checkpointer:
             raise ValueError(f"none of the {len(steps)} checkpoints in {self.folder} can be loaded (see the warnings); "
                              "move them away to keep them, or start over with --fresh")
         return None
-
-
-def _step_of(path: Path) -> int | None:
-    digits = path.name[len(PREFIX):]
-    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def _mismatch_message(key: str, stored: Any, current: Any, run_dir: Path) -> str:

@@ -88,9 +88,13 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return tensor.tolist()
 
 
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank when the flag is set on any rank."""
-    return all_reduce_sum([1.0 if flag else 0.0], env)[0] > 0
+def all_gather(value: object, env: DistEnv) -> list:
+    """Every rank's (picklable, small) value, in rank order, on every rank."""
+    if env.world_size == 1:
+        return [value]
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier(env: DistEnv) -> None:

@@ -16,12 +16,14 @@ import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_prep.contract import MANIFEST, TOKENIZER_DIR
+from pipeline import safe_load
 from pipeline.checkpoint import MARKER, Checkpointer, tag_for
 from pipeline.config import Config, ModelConfig, load_config
 from pipeline.distributed import DistEnv
@@ -29,24 +31,37 @@ from pipeline.model import Transformer
 
 
 def newest_checkpoint(run: Path) -> int:
-    """The newest checkpoint of a run whose files are intact."""
+    """The newest checkpoint of a run whose files are intact (sizes and checksums); damaged ones are skipped."""
     checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=1, identity={})
     for step in reversed(checkpoints.complete_steps()):
-        if checkpoints.damage(step) is None:
+        reason = checkpoints.damage(step)
+        if reason is None:
             return step
+        warnings.warn(f"skipping damaged checkpoint {run / 'checkpoints' / tag_for(step)}: {reason}", stacklevel=2)
     raise ValueError(f"{run} has no complete checkpoint (is it a run folder? train it first)")
 
 
 def load_run(run: str | Path, step: int | None = None) -> tuple[Config, dict[str, torch.Tensor], int]:
-    """(config, fp32 state dict, step) of a run's newest (or given) checkpoint, on CPU, any ZeRO stage."""
+    """(config, fp32 state dict, step) of a run's newest (or given) checkpoint, on CPU, any ZeRO stage.
+
+    The checkpoint's files are verified against their checksums and checked for code before anything loads them,
+    and every load in this process is weights-only (pipeline/safe_load.py)."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{run} is not a run folder (no config.yaml)")
     config = load_config(run / "config.yaml")
-    step = newest_checkpoint(run) if step is None else step
+    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=1, identity={})
+    if step is None:
+        step = newest_checkpoint(run)
+    elif step not in checkpoints.complete_steps():
+        raise ValueError(f"{run / 'checkpoints' / tag_for(step)} is not a complete checkpoint")
+    else:
+        reason = checkpoints.damage(step)
+        if reason is not None:
+            raise ValueError(f"{run / 'checkpoints' / tag_for(step)} is damaged: {reason}")
     folder = run / "checkpoints" / tag_for(step)
-    if not (folder / MARKER).is_file():
-        raise ValueError(f"{folder} is not a complete checkpoint")
+    safe_load.enforce()
+    checkpoints.check_safe(step)
     if any(folder.glob("*optim_states.pt")) and config.deepspeed.zero_stage > 0:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -54,10 +69,11 @@ def load_run(run: str | Path, step: int | None = None) -> tuple[Config, dict[str
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its chatter
             state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag_for(step))
     else:  # ZeRO-0: the model states file holds the whole module
-        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = safe_load.load(folder / "mp_rank_00_model_states.pt")["module"]
     state = {name: tensor.float() for name, tensor in state.items()}
     identity = json.loads((folder / MARKER).read_text())["identity"]
-    config.model = ModelConfig(**identity["model"])  # the vocab size the run resolved from its data
+    if "model" in identity:
+        config.model = ModelConfig(**identity["model"])  # the vocab size the run resolved from its data
     return config, state, step
 
 
