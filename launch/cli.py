@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.local import launch_local
     from pipeline.config import load_config
 
-    return launch_local(load_config(args.config, args.overrides), fresh=args.fresh)
+    return launch_local(load_config(args.config, args.overrides), fresh=args.fresh, adopt=args.adopt_checkpoints)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -54,7 +54,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launch.slurm import submit_training
     from pipeline.config import load_config
 
-    return submit_training(load_config(args.config, args.overrides), fresh=args.fresh, wait=args.wait)
+    return submit_training(load_config(args.config, args.overrides), fresh=args.fresh, wait=args.wait,
+                           adopt=args.adopt_checkpoints)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -130,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or resume a run on this machine (launch.nproc processes)")
     _add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
+    p.add_argument("--adopt-checkpoints", action="store_true",
+                   help="mark checkpoint folders this program did not write complete as they are, and resume")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="submit training to SLURM (multi-node, requeued on preemption/time limit)")
     _add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="start over: drop the run's checkpoints and logs")
+    p.add_argument("--adopt-checkpoints", action="store_true",
+                   help="mark checkpoint folders this program did not write complete as they are, and resume")
     p.add_argument("--wait", action="store_true", help="wait until the job has finished, through requeues")
     p.set_defaults(func=cmd_submit)
 

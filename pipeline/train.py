@@ -58,9 +58,17 @@ def run_dir(config: Config) -> Path:
     return Path(config.run_dir) / config.name
 
 
-def prepare_run_dir(config: Config, fresh: bool = False) -> Path:
-    """Create RUN (run_dir/name) and write the resolved config; with fresh, remove what an earlier run left."""
+def prepare_run_dir(config: Config, fresh: bool = False, adopt: bool = False) -> Path:
+    """Create RUN (run_dir/name) and write the resolved config; with fresh, remove what an earlier run left; with
+    adopt, mark checkpoint folders this program did not write complete as they are (pipeline/checkpoint.py)."""
     path = run_dir(config)
+    if fresh and adopt:
+        raise ValueError("--fresh and --adopt-checkpoints contradict each other: choose one")
+    if adopt:
+        from pipeline.checkpoint import adopt as adopt_checkpoints
+
+        for folder in adopt_checkpoints(path / "checkpoints"):
+            print(f"adopted {folder} as it is (checksums recorded now)", flush=True)
     if fresh and path.exists():
         for item in ("checkpoints", "tb", "metrics.jsonl", "train.log"):
             target = path / item
@@ -185,12 +193,14 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     dataset = open_dataset(config)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = Transformer(config.model)
+    # Counted before DeepSpeed sees the model: ZeRO-3 partitions the parameters, leaving each rank a shard.
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
     engine, accum = build_engine(model, config, env)
     torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
                 "zero_stage": config.deepspeed.zero_stage}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
-    clean_stale_shared_memory()
+    clean_stale_shared_memory(env)
     loader = make_loader(dataset, config.data, config.data.train_split, train=True)
     make_batch = BatchMaker(config, dataset)
 
@@ -201,13 +211,12 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
         loader.load_state_dict(client["loader"])
         say(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
     else:
-        say(f"starting {config.name}: {model.num_params():,} parameters, {config.model.position} positions, "
+        say(f"starting {config.name}: {num_params:,} parameters, {config.model.position} positions, "
             f"{env.world_size} process(es), ZeRO-{config.deepspeed.zero_stage}, {config.deepspeed.precision}, "
             f"{accum} micro-batch(es) of {config.data.micro_batch_size} per process per step")
 
     metrics = Metrics(folder, env.is_main, config.logging.tensorboard, start_step=step)
     peak = config.logging.peak_tflops or detect_peak_tflops()
-    flops_per_token = model.flops_per_token(config.data.seq_len)
     val_loader = make_loader(dataset, config.data, config.data.val_split, train=False) \
         if dataset.has_split(config.data.val_split) else None
     batches = batches_forever(loader)
@@ -252,12 +261,13 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped "
                                             f"before the update, nothing after step {step} was saved")
+                    own_norm = _reduced_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
                 engine.step()
             step += 1
             tokens_seen += tokens_per_step
             throughput.add(tokens_per_step)
             last_loss = total / (accum * env.world_size)
-            grad_norm = _grad_norm(engine)
+            grad_norm = _grad_norm(engine, own_norm)
             record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm}
             log_now = step % config.logging.log_every == 0 or step == max_steps
             if log_now:
@@ -282,11 +292,21 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             "tokens_seen": tokens_seen}
 
 
-def _grad_norm(engine: Any) -> float:
+def _grad_norm(engine: Any, fallback: float | None) -> float:
+    """The global gradient norm before clipping: DeepSpeed's where its optimizer wrapper records one (ZeRO 1-3,
+    bf16/fp16), else `fallback` (ZeRO-0 with a client optimizer records none)."""
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return float("nan")
+        return float("nan") if fallback is None else fallback
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _reduced_grad_norm(engine: Any) -> float:
+    """L2 norm of the gradients at the accumulation boundary (ZeRO-0: already all-reduced, whole on every rank)."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return float("nan")
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def _printer(folder: Path, env: DistEnv) -> Callable[[str], None]:
@@ -320,6 +340,10 @@ def entry(argv: list[str] | None = None) -> int:
     except ValueError as err:
         if rank == 0:
             print(f"pope: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # disk full, permissions: one line, from the rank that met it
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"pope: error: rank {rank}: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if rank == 0:
