@@ -184,22 +184,28 @@ def _bed_units(fasta: Path, kind: str, seq_len: int, rows: Sequence[BedRow]) -> 
 def read_bed(path: Path) -> list[BedRow]:
     """The data rows of `chrom start end split` BED (tabs or spaces); malformed rows carry their error.
 
-    Blank lines, `#` comments, `track`/`browser` lines and a first line that is a header are not rows.
+    Blank lines, `#` comments, `track`/`browser` lines and a header line are not rows. A header (HyenaDNA's BED
+    starts with `chrom start end split`, without '#') is told apart from a malformed first row by having no digit
+    in its start and end columns: `chrom start end split` is a header, `chr1 12x 500 train` a malformed row
+    (counted and listed like any other).
     """
     rows: list[BedRow] = []
+    first = True  # the first line that is not blank, a comment or a track/browser line
     with _open(path) as handle:
         for number, raw in enumerate(handle, 1):
             line = raw.decode("utf-8", errors="replace").strip()
-            if not line or line.startswith(("#", "track ", "browser ")):
+            if not line or line.startswith(("#", "track ", "browser ")) or line in ("track", "browser"):
                 continue
             fields, where = line.split(), f"{path}:{number}"
+            if first:
+                first = False
+                if _is_bed_header(fields):
+                    continue
             if len(fields) < 4:
                 rows.append(BedRow(where, "", 0, 0, "", f"expected `chrom start end split`, got {len(fields)} fields"))
                 continue
             chrom, start, end, split = fields[:4]
             if not (start.isdecimal() and end.isdecimal()):
-                if not rows:
-                    continue  # a header line such as `chrom start end split`
                 rows.append(BedRow(where, chrom, 0, 0, "", f"start and end must be whole numbers; got {start} {end}"))
             elif split.lower() not in BED_SPLITS:
                 rows.append(BedRow(where, chrom, 0, 0, "", f"unknown split {split!r} (expected train, valid or test)"))
@@ -208,6 +214,12 @@ def read_bed(path: Path) -> list[BedRow]:
             else:
                 rows.append(BedRow(where, chrom, int(start), int(end), BED_SPLITS[split.lower()], None))
     return rows
+
+
+def _is_bed_header(fields: list[str]) -> bool:
+    """Column names, not data: at least three fields, and no digit in the start and end columns (`start end`,
+    `chromStart chromEnd`). A row with a number there, however garbled (`12x`), is data."""
+    return len(fields) >= 3 and not any(c.isdigit() for field in fields[1:3] for c in field)
 
 
 def read_fasta(path: Path, block: int = 1 << 24) -> Iterator[tuple[str, bytes]]:

@@ -142,6 +142,10 @@ def build_music21_json(path: Path, *, workers: int = 1, limit: int | None = None
     data.update(names=splits, dropped=dropped, source=source)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    try:
+        tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    except BaseException:  # a full disk, say: leave no half-written cache behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)  # atomic: a concurrent part reads the old file or the new one, never half of one
     return data

@@ -9,6 +9,7 @@ nothing; other arguments refuse unless overwrite is asked for.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from data_prep import mds
-from data_prep.contract import DONE, MANIFEST, TOKENIZER_DIR, read_manifest, token_dtype
+from data_prep.contract import DONE, MANIFEST, REQUIRED_KEYS, TOKENIZER_DIR, read_manifest, token_dtype
 
 FORMAT_VERSION = 1
 
@@ -73,16 +74,30 @@ def file_stamp(path: Path) -> dict[str, Any]:
 
 
 def already_done(out: Path, corpus: str, args: dict[str, Any], overwrite: bool) -> bool:
-    """True when `out` is a finished prep of exactly these arguments; raise when it is something else."""
+    """True when `out` is a finished prep of exactly these arguments; raise when it is something else.
+
+    Also checks, before any work starts, that `out` can be written at all (see `check_output`). With `overwrite`,
+    only a prep output (a folder holding its manifest.json) may be replaced: a folder the program did not write
+    is never deleted.
+    """
+    check_output(out)
     if not out.exists():
         return False
-    if not (out / DONE).is_file():
-        if overwrite or not any(out.iterdir()):
+    done = _read_done(out)
+    if done is None:
+        if not any(out.iterdir()):
+            return False  # an empty folder: nothing to lose
+        if not is_prep_output(out):
+            raise ValueError(f"{out} exists and is not a prep output (no readable {MANIFEST}); refusing to touch it, "
+                             "even with --overwrite: move it away or give another --out")
+        if overwrite:
             return False
         raise ValueError(f"{out} exists but is not a finished prep (no {DONE}); pass --overwrite to replace it")
-    stored = json.loads((out / DONE).read_text())
-    if stored.get("fingerprint") == fingerprint(corpus, args):
+    if done.get("fingerprint") == fingerprint(corpus, args):
         return True
+    if not is_prep_output(out):
+        raise ValueError(f"{out} holds a {DONE} but no readable {MANIFEST}, so it is not a prep output; refusing to "
+                         "touch it, even with --overwrite: move it away or give another --out")
     if overwrite:
         return False
     try:
@@ -92,6 +107,44 @@ def already_done(out: Path, corpus: str, args: dict[str, Any], overwrite: bool) 
     except ValueError:
         what = "other arguments"
     raise ValueError(f"{out} already holds a prep with {what}; pass --overwrite to replace it")
+
+
+def _read_done(out: Path) -> dict[str, Any] | None:
+    """The DONE record of `out`, or None when there is none (or it is not one this program wrote)."""
+    try:
+        done = json.loads((out / DONE).read_text())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def is_prep_output(folder: Path) -> bool:
+    """True when `folder` holds a manifest.json this program writes (a JSON object with the contract's keys).
+
+    The test `--overwrite` relies on: only such a folder may be replaced, whatever else is in it.
+    """
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and all(key in manifest for key in REQUIRED_KEYS)
+
+
+def check_output(out: Path) -> None:
+    """Refuse, with one line and before any work, an output that cannot be written: a path that is a file, under
+    a file, or in a folder without write permission. (The writer checks again as it goes; this saves the hours a
+    prep may take before it would fail.)"""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} is a file, not a folder; give --out a folder (the file is left as it is)")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing ancestor: the prep creates the folders below it
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot create the output {out}: {folder} is a file, not a folder")
+    # os.access: the real user's rights, which is what the writes will meet (root passes unless read-only)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the output {out}: no write permission in {folder}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,7 +165,10 @@ class ShardWriter:
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
         _remove_stale_temporaries(self.out)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as err:
+            raise _about_output(err, self.tmp, self.out) from None
         self._writers: dict[str, Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -194,6 +250,8 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp.exists():  # not published: an error, or publish() was never reached
             self.abort()
+        if isinstance(exc, OSError):
+            _about_output(exc, self.tmp, self.out)  # the error propagates, naming DIR rather than a removed file
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -204,14 +262,40 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out (only reached with overwrite) is moved aside first, then removed."""
+    """Rename tmp to out. An existing out (an empty folder, or a prep output with overwrite) is moved aside first,
+    then removed; if the second rename fails it is moved back, so a failure never loses the old output."""
     if out.exists():
+        if any(out.iterdir()) and not is_prep_output(out):  # appeared since already_done looked: not ours to delete
+            raise ValueError(f"{out} appeared during the prep and is not a prep output; refusing to replace it "
+                             f"(the new output is not kept)")
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, trash)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(trash, out)
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+# errors that mean "the output's file system is full": write() reports them without a file name
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _about_output(err: OSError, tmp: Path, out: Path) -> OSError:
+    """Make an OSError met while writing the output name DIR instead of the temporary folder (which is removed
+    on the way out, so its name would only confuse); a full disk always names DIR (write() gives no name, a copy
+    names its source). Returns the same error, changed in place."""
+    if err.errno in _DISK_FULL:  # always about where we write (a copy names its source first)
+        err.filename, err.filename2 = str(out), None
+        return err
+    for attr in ("filename", "filename2"):
+        name = getattr(err, attr)
+        if isinstance(name, (str, bytes, os.PathLike)) and Path(os.fsdecode(name)).is_relative_to(tmp):
+            setattr(err, attr, str(out))
+    return err
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -255,7 +339,10 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
     first = manifests[0]
     tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     _remove_stale_temporaries(out)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise _about_output(err, tmp, out) from None
     try:
         if not any(c["samples"] for m in manifests for c in m["splits"].values()):
             raise ValueError(f"the {len(parts)} parts hold no sample at all; nothing to merge")
@@ -287,8 +374,10 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
         _fsync_write(tmp / DONE, json.dumps({"fingerprint": fingerprint("merge", args),
                                              "created": manifest["created"]}) + "\n")
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            _about_output(err, tmp, out)
         raise
     return manifest
 

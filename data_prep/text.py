@@ -119,8 +119,13 @@ def _is_outer_tarball(path: Path) -> bool:
     return False
 
 
-def _sources(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(file, name) pairs in a stable order: folders expanded recursively, names relative to the folder."""
+def _sources(inputs: Sequence[Path], bad_names: list[tuple[str, str]] | None = None) -> list[tuple[Path, str]]:
+    """(file, name) pairs in a stable order: folders expanded recursively, names relative to the folder.
+
+    A file whose name (relative to its input folder) is not valid UTF-8 is left out: names seed the holdout and
+    go into the manifest, and Python can only carry such a name as a str with surrogate escapes, which cannot be
+    encoded. It is appended to `bad_names` as (the name with its bytes shown as \\xNN escapes, reason).
+    """
     found: list[tuple[Path, str]] = []
     for raw in inputs:
         path = Path(raw)
@@ -133,13 +138,29 @@ def _sources(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
             found.append((path, path.name))
         else:
             raise ValueError(f"input {path} does not exist")
-    if not found:
-        raise ValueError(f"no text inputs found in {', '.join(map(str, inputs))}")
-    repeated = sorted(name for name, count in Counter(name for _, name in found).items() if count > 1)
+    named = [(path, name) for path, name in found if _is_utf8(name)]
+    if bad_names is not None:
+        bad_names.extend((os.fsencode(name).decode("utf-8", errors="backslashreplace"),
+                          "file name is not valid UTF-8 (rename it to include it)")
+                         for _, name in found if not _is_utf8(name))
+    if not named:
+        left_out = len(found) - len(named)
+        raise ValueError(f"no text inputs found in {', '.join(map(str, inputs))}"
+                         + (f" ({left_out} left out: file names that are not valid UTF-8)" if left_out else ""))
+    repeated = sorted(name for name, count in Counter(name for _, name in named).items() if count > 1)
     if repeated:  # names pick the shards and seed the holdout: they must be unique
         raise ValueError(f"several inputs hold a file named {repeated[0]!r}; give the inputs distinct file names "
                          "(or one parent folder)")
-    return found
+    return named
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a file name that came from bytes that are not UTF-8 (Python holds them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def iter_units(inputs: Sequence[Path], wanted: set[str] | None = None, names_only: bool = False
@@ -341,10 +362,13 @@ def prep_text(inputs: Sequence[Path], out: Path, *, tokenizer: str = "sentencepi
     if seq_len < 1:
         raise ValueError(f"--seq-len must be positive; got {seq_len}")
     inputs = [Path(p) for p in inputs]
-    stamps = [file_stamp(p) for p, _ in _sources(inputs)]
+    bad_names: list[tuple[str, str]] = []  # files left out for their names: counted and listed, not fatal
+    stamps = [file_stamp(p) for p, _ in _sources(inputs, bad_names)]
     args: dict[str, Any] = {"inputs": stamps, "tokenizer": tokenizer, "seq_len": seq_len,
                             "val_fraction": val_fraction, "text_field": text_field, "seed": seed,
                             **options.shard_args()}
+    if bad_names:  # a changed set of unreadable names is a changed input
+        args["unnamable_inputs"] = [name for name, _ in bad_names]
     if tokenizer == "sentencepiece":
         args.update(vocab_size=vocab_size, tokenizer_sample_docs=tokenizer_sample_docs,
                     tokenizer_model=file_stamp(tokenizer_model) if tokenizer_model else None)
@@ -367,6 +391,10 @@ def prep_text(inputs: Sequence[Path], out: Path, *, tokenizer: str = "sentencepi
     with ShardWriter(out, corpus="text", args=args, tokenizer=tok.info, seq_len=seq_len,
                      compression=options.compression) as writer:
         tok.save(writer.tokenizer_dir)
+        if options.shard_index == 0:  # listed once, so that merged parts list them once, like a single prep
+            writer.items += len(bad_names)
+            for name, reason in bad_names:
+                writer.skip(name, reason)
         sources: dict[str, None] = {}  # the input files this run read, in order
 
         def units() -> Iterator[TextUnit]:

@@ -1,12 +1,14 @@
 """The `pope` command. Thin on purpose: each subcommand parses its arguments and calls one function.
 
-Errors a user can fix (a bad config key, a missing file, corrupt input) are printed as one line,
-`pope: error: ...`, with exit status 2. Set POPE_DEBUG=1 to get the full traceback instead.
+Errors a user can fix (a bad config key, a missing file, corrupt input, a full disk, a folder without write
+permission) are printed as one line, `pope: error: ...`, with exit status 2. Set POPE_DEBUG=1 to get the full
+traceback instead. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -182,14 +184,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Operating-system errors the user can fix (free space, permissions, a path that is the wrong kind of thing), with
+# the words printed for them. Other OSErrors (EIO, EBADF, ...) are left as tracebacks: a failing disk or a bug.
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file too large for the file system"}
+_USER_OS_ERRORS = {
+    **_DISK_FULL,
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or folder", errno.ENOTDIR: "not a folder", errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists", errno.ENOTEMPTY: "folder not empty", errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links", errno.EXDEV: "cannot move across file systems",
+}
+
+
+def describe_os_error(err: OSError) -> str | None:
+    """One line for an OSError a user can fix, naming the path(s); None for any other OSError."""
+    words = _USER_OS_ERRORS.get(err.errno)
+    if words is None:
+        return None
+    show = lambda name: os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+    if err.filename is None:
+        return words if err.errno in _DISK_FULL else f"{words}: {err.strerror or err}"
+    path = show(err.filename) + (f" -> {show(err.filename2)}" if err.filename2 is not None else "")
+    if err.errno in _DISK_FULL:
+        return f"{words} while writing {path}"
+    return f"{words}: {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, UsageError, ValueError) as err:
         if os.environ.get("POPE_DEBUG"):
             raise
         print(f"pope: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        line = describe_os_error(err)
+        if line is None or os.environ.get("POPE_DEBUG"):
+            raise
+        print(f"pope: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pope: interrupted", file=sys.stderr)

@@ -358,7 +358,12 @@ def submit_prep(function: str, kwargs: dict[str, Any], out: Path, options: Any, 
     out = Path(out).resolve()
     num_shards = options.num_shards
     from data_prep.contract import DONE
+    from data_prep.shards import check_output, is_prep_output
 
+    check_output(out)  # at submission, not hours later in the merge job
+    if out.is_dir() and any(out.iterdir()) and not is_prep_output(out):
+        raise ValueError(f"{out} exists and is not a prep output; refusing to touch it, even with --overwrite: move "
+                         "it away or give another --out")
     if (out / DONE).exists() and not options.overwrite:
         raise ValueError(f"{out} already holds a finished prep; a job array always rebuilds it, so pass --overwrite "
                          "to replace it (or prepare into another folder)")

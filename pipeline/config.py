@@ -394,7 +394,21 @@ def validate(config: Config) -> None:
            "slurm.cpus_per_task and slurm.time must be > 0")
     _check(sl.gpus_per_node >= 0 and sl.max_requeues >= 0, "slurm.gpus_per_node", "and max_requeues must be >= 0")
     _check(0 <= sl.signal_minutes * 60 < sl.time * 60, "slurm.signal_minutes", "must be >= 0 and below slurm.time")
-    _check(bool(config.name) and "/" not in config.name, "name", f"must be a non-empty folder name; got {config.name!r}")
+    _check_name(config.name)
+
+
+def _check_name(name: str) -> None:
+    """`name` becomes the folder run_dir/name, which `--fresh` empties: it must be one plain folder name that stays
+    inside run_dir (no '..', no separator), one the OS accepts (no NUL), and not one a shell command takes for an
+    option (a leading '-')."""
+    why = ("is empty" if not name
+           else "names run_dir itself or its parent" if name in (".", "..")
+           else "holds a path separator ('/' or '\\')" if "/" in name or "\\" in name
+           else "holds a NUL character" if "\0" in name
+           else "starts with '-', which commands would read as an option" if name.startswith("-")
+           else "has leading or trailing spaces" if name != name.strip()
+           else None)
+    _check(why is None, "name", f"must be one plain folder name inside run_dir; {name!r} {why}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -8,7 +8,7 @@ import yaml
 
 from launch.cli import main as pope_main
 from pipeline.config import (CONFIGS_DIR, Config, ConfigError, apply_overrides, from_dict, load_config, to_dict,
-                             to_yaml)
+                             to_yaml, validate)
 
 SHIPPED = sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if not p.name.startswith("_"))
 
@@ -145,3 +145,22 @@ def test_cli_config_error_is_one_line_exit_2(capsys):
 def test_config_sections_are_dataclasses():
     names = {f.name for f in dataclasses.fields(Config)}
     assert {"model", "data", "optim", "schedule", "deepspeed", "checkpoint", "logging", "launch"} <= names
+
+
+@pytest.mark.parametrize("name, why", [
+    ("..", "names run_dir itself or its parent"), (".", "names run_dir itself or its parent"), ("", "is empty"),
+    ("a/b", "path separator"), ("../escape", "path separator"), ("/abs", "path separator"),
+    ("a\\b", "path separator"), ("a\0b", "NUL"), ("-rf", "starts with '-'"), (" x", "leading or trailing spaces"),
+])
+def test_run_names_that_leave_run_dir_are_refused(name, why, capsys):
+    with pytest.raises(ConfigError, match="config key 'name' must be one plain folder name") as err:
+        validate(Config(name=name))
+    assert why in str(err.value) and "\n" not in str(err.value)
+    assert pope_main(["config", "tiny/jsb_pope", f"name={name!r}" if name else "name="]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("pope: error: config key 'name'") and len(line.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["run", "owt_124m_pope", "a.b", "x-1", "..a", "ümlaut"])
+def test_plain_run_names_are_accepted(name):
+    validate(Config(name=name))

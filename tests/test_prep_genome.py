@@ -412,3 +412,24 @@ def test_cli_prep_genome(genome, tmp_path, capsys):
     assert main(["prep", "genome", "--fasta", str(genome["fasta"]), "--out", str(tmp_path / "o2")]) == 2
     assert "--val-chroms" in capsys.readouterr().err
 
+
+
+def test_a_malformed_first_bed_row_is_skipped_and_counted_not_taken_for_a_header(tmp_path):
+    path = tmp_path / "x.bed"
+    for text, header in [("chrom start end split\nchr1 0 10 train\n", True),  # HyenaDNA's header line
+                         ("chrom\tchromStart\tchromEnd\tsplit\nchr1 0 10 train\n", True),
+                         ("#chrom start end split\nchr1 0 10 train\n", True),
+                         ("chr1 12x 500 train\nchr1 0 10 train\n", False),  # garbled data, not column names
+                         ("chr1 -5 500 train\nchr1 0 10 train\n", False),
+                         ("chr1 0\nchr1 0 10 train\n", False)]:
+        path.write_text(text)
+        rows = read_bed(path)
+        assert [(r.chrom, r.start, r.end) for r in rows if not r.error] == [("chr1", 0, 10)], text
+        assert len([r for r in rows if r.error]) == (0 if header else 1), text
+    path.write_text("chr1 12x 500 train\n" + "".join(f"chr1 {i} {i + 20} train\n" for i in range(150)))
+    records = {"chr1": "ACGT" * 100}
+    fasta = write_fasta(tmp_path / "g.fa", records)
+    manifest = prep_genome(fasta, tmp_path / "out", bed=path, tokenizer="char", val_chroms=[], test_chroms=[],
+                           seq_len=SEQ_LEN, options=options())
+    assert manifest["items"] == 151
+    assert manifest["skipped"] == [{"file": f"{path}:1", "reason": "start and end must be whole numbers; got 12x 500"}]
