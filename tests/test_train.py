@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, metrics, run_pope, tiny_train_args
+from pipeline.checkpoint import HASH, hash_file
 from pipeline.config import Config, apply_overrides
 from pipeline.train import EXIT_NONFINITE, deepspeed_config, lr_multiplier
 
@@ -46,8 +47,19 @@ def kill_after_step(args, run, step):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_run_resumes_bit_for_bit(text_dataset, tmp_path, stage):
     common = [f"deepspeed.zero_stage={stage}", "schedule.max_steps=12", "checkpoint.every=4", "eval.every=6",
-              "model.dropout=0.1", "logging.log_every=3", "checkpoint.keep_last=5"]
-    run_pope(*tiny_train_args(text_dataset, tmp_path, "straight", *common))
+              "model.dropout=0.1", "logging.log_every=3", "checkpoint.keep_last=5", "logging.peak_tflops=1"]
+    straight = run_pope(*tiny_train_args(text_dataset, tmp_path, "straight", *common))
+    # Counted before ZeRO-3 partitions the parameters: the whole model, and MFU from the whole model's FLOPs.
+    from pipeline.config import load_config
+    from pipeline.model import Transformer
+
+    config = load_config(tmp_path / "straight" / "config.yaml")
+    config.model.vocab_size = 320
+    model = Transformer(config.model)
+    assert f"{model.num_params():,} parameters" in straight.stdout
+    logged = [m for m in metrics(tmp_path / "straight") if "train/mfu" in m]
+    assert logged and all(m["train/mfu"] == pytest.approx(
+        model.flops_per_token(32) * m["train/tokens_per_s"] / (1e12 * 2), rel=1e-9) for m in logged)
     args = tiny_train_args(text_dataset, tmp_path, "killed", *common)
     kill_after_step(args, tmp_path / "killed", 6)
     resumed = run_pope(*args)
@@ -87,13 +99,17 @@ def test_non_finite_loss_stops_without_checkpointing_it(text_dataset, tmp_path):
     args = tiny_train_args(text_dataset, tmp_path, "nan", "deepspeed.zero_stage=0", "schedule.warmup_steps=1",
                            "checkpoint.every=1", "eval.every=0")
     run_pope(*args, "schedule.max_steps=3")
+    norms = [m["train/grad_norm"] for m in metrics(tmp_path / "nan") if "train/grad_norm" in m]
+    assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms)  # ZeRO-0 records none itself
     # Diverged weights: an infinite embedding in the newest checkpoint makes the next loss NaN.
     step3 = tmp_path / "nan" / "checkpoints" / "step00000003"
     states = torch.load(step3 / "mp_rank_00_model_states.pt", weights_only=False)
     states["module"]["embed.weight"].fill_(float("inf"))
     torch.save(states, step3 / "mp_rank_00_model_states.pt")
     marker = json.loads((step3 / "COMPLETE.json").read_text())
-    marker["files"]["mp_rank_00_model_states.pt"] = (step3 / "mp_rank_00_model_states.pt").stat().st_size
+    marker["files"]["mp_rank_00_model_states.pt"] = {  # recorded anew, so the checksum lets it load
+        "size": (step3 / "mp_rank_00_model_states.pt").stat().st_size,
+        HASH: hash_file(step3 / "mp_rank_00_model_states.pt")}
     (step3 / "COMPLETE.json").write_text(json.dumps(marker))
     proc = run_pope(*args, "schedule.max_steps=10", check=False)
     assert proc.returncode == EXIT_NONFINITE, proc.stderr
