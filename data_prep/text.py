@@ -322,7 +322,7 @@ def _line_chunks(stream: IO[bytes]) -> Iterator[tuple[str, bytes, int]]:
     limit, buf, scanned = CHUNK_BYTES, bytearray(), 0
     while True:
         try:
-            block = stream.read(READ_BYTES)
+            block = stream.read1(READ_BYTES)  # what one decompression step gives: nothing decodable is lost
         except CORRUPT:
             cut = buf.rfind(b"\n") + 1
             if cut:
