@@ -411,3 +411,27 @@ def test_a_truncated_jsonl_keeps_the_lines_before_the_damage(small_chunks, tmp_p
     assert skip["file"] == name and 0 < kept < 200
     assert_documents(documents(tmp_path / "o2", "train"), docs[:kept], kept)  # whole lines only, in order
     assert manifest["items"] == kept + 1
+
+
+def test_outer_tarball_members_are_streamed_in_chunks(small_chunks, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.text import _tokenizer_sample
+
+    jsonl, rows = make_docs(80, 70), make_docs(40, 71)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": d}) for d in jsonl)
+                                                              .encode()))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "m" / "b.parquet", row_group_size=10)
+    with tarfile.open(tmp_path / "dump.tar", "w") as tar:
+        for name in ("a.jsonl.gz", "b.parquet"):
+            tar.add(tmp_path / "m" / name, arcname=f"dump/{name}")
+    out = tmp_path / "o"
+    manifest = prep_text([tmp_path / "dump.tar"], out, vocab_size=400, val_fraction=0, seq_len=64,
+                         options=opts(workers=2))
+    assert manifest["skipped"] == [] and manifest["stats"]["documents"] == 120
+    assert_documents(documents(out, "train"), jsonl + rows, 40)
+    # The tokenizer sample reads at most --tokenizer-sample-docs documents of a file: its first ones.
+    first = [line for doc in jsonl[:5] for line in doc.split("\n") if line.strip()]
+    assert _tokenizer_sample([tmp_path / "m" / "a.jsonl.gz"], 5, "text", 1234) == first
