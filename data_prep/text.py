@@ -120,7 +120,7 @@ class _ZstdReader(io.RawIOBase):
             import zstandard
         except ImportError:
             raise ValueError("reading .zst needs zstandard: pip install zstandard") from None
-        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._raw, self._new, self._error = raw, zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError
         self._frame, self._inside, self._out, self._pos = self._new(), False, b"", 0
 
     def readable(self) -> bool:
@@ -136,7 +136,10 @@ class _ZstdReader(io.RawIOBase):
             pieces = []
             while block:
                 self._inside = True
-                pieces.append(self._frame.decompress(block))
+                try:
+                    pieces.append(self._frame.decompress(block))
+                except self._error as err:  # corrupt data: reported like the other codecs' damage
+                    raise OSError(f"zstd: {err}") from None
                 block = b""
                 if self._frame.eof:  # a file may hold several frames (pzstd, concatenated files)
                     block, self._frame, self._inside = self._frame.unused_data, self._new(), False
