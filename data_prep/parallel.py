@@ -85,10 +85,11 @@ def shard_slice(units: Sequence[T], shard_index: int, num_shards: int) -> Sequen
 
 def run_units(units: Iterable[Any], work: Callable[[Any], UnitResult], writer: ShardWriter, options: PrepOptions,
               *, total: int | None = None, initializer: Callable[..., None] | None = None,
-              initargs: tuple = (), desc: str = "prep") -> dict[str, int]:
-    """Process every unit and write its results in order; return the summed corpus stats."""
+              initargs: tuple = (), desc: str = "prep", item: str = "file") -> dict[str, int]:
+    """Process every unit and write its results in order; return the summed corpus stats. `item` names a unit
+    on the progress bar."""
     stats: dict[str, int] = {}
-    bar = tqdm(total=total, desc=desc, unit="file", disable=not options.progress, file=sys.stderr,
+    bar = tqdm(total=total, desc=desc, unit=item, disable=not options.progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     started, tokens = time.monotonic(), 0
 

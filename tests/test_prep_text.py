@@ -5,6 +5,7 @@ import io
 import json
 import lzma
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,8 +94,21 @@ def documents(out, split):
     tokenizer = load_tokenizer(out)
     stream = np.concatenate(samples(out, split)) if (Path(out) / split).exists() else np.array([], np.int64)
     cuts = np.flatnonzero(stream == tokenizer.info.eos)
-    pieces = np.split(stream, cuts + 1)[:-1]
-    return [tokenizer.decode(p[:-1]) for p in pieces]
+    pieces = [p[:-1] if p[-1] == tokenizer.info.eos else p for p in np.split(stream, cuts + 1) if len(p)]
+    return [tokenizer.decode(p) for p in pieces]  # the last EOS may be lost (see assert_documents)
+
+
+def assert_documents(got, want, merges_allowed):
+    """got == want, except that a chunk whose packing ended on a lone EOS loses it (a 1-token sample has no
+    target), which joins its last document to the next one: at most `merges_allowed` such joins."""
+    joins, want = 0, iter(want)
+    for doc in got:
+        whole = next(want)
+        while whole != doc:
+            assert doc.startswith(whole), (doc[:80], whole[:80])
+            whole += next(want)
+            joins += 1
+    assert next(want, None) is None and joins <= merges_allowed
 
 
 def expected_split(unit_docs, seed, fraction):
@@ -188,7 +202,8 @@ def test_bad_inputs_are_listed_and_the_fraction_enforced(corpus, tmp_path):
     bad.mkdir()
     good = make_docs(20, 40)
     (bad / "urlsf_subset01-0_data.xz").write_bytes(xz_subset(good + [b"caf\xe9 latin-1 bytes"], "s0"))
-    (bad / "urlsf_subset01-1_data.xz").write_bytes(xz_subset(make_docs(20, 41), "s1")[:-200])  # truncated xz
+    broken = make_docs(20, 41)
+    (bad / "urlsf_subset01-1_data.xz").write_bytes(xz_subset(broken, "s1")[:-200])  # truncated xz
     (bad / "d.jsonl.gz").write_bytes(gzip.compress(b'{"text": "fine"}\n{not json\n{"title": "no text"}\n'))
     with pytest.raises(ValueError, match=r"inputs are bad .* more than --max-skip-fraction=0.01"):
         prep_text([bad], tmp_path / "strict", vocab_size=400, val_fraction=0, seq_len=32, options=opts())
@@ -197,10 +212,15 @@ def test_bad_inputs_are_listed_and_the_fraction_enforced(corpus, tmp_path):
                          options=opts(max_skip_fraction=0.5))
     reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
     assert reasons["urlsf_subset01-0_data.xz:s0-0020.txt"] == "invalid UTF-8 at byte 3"
-    assert reasons["urlsf_subset01-1_data.xz"].startswith(("LZMAError", "EOFError", "ReadError"))
+    # The documents read whole before the break stand; the rest of the archive is one bad input.
+    damage = re.fullmatch(r"damaged after (\d+) documents: (EOFError|LZMAError|ReadError): .*; the rest skipped",
+                          reasons["urlsf_subset01-1_data.xz"])
+    kept = int(damage.group(1))
+    assert 0 < kept < 20
     assert reasons["d.jsonl.gz:line 2"] == "invalid JSON"
     assert reasons["d.jsonl.gz:line 3"] == "no string field 'text'"
-    assert documents(tmp_path / "lenient", "train") == ["fine"] + good
+    assert documents(tmp_path / "lenient", "train") == ["fine"] + good + broken[:kept]
+    assert manifest["items"] == 3 + 21 + kept + 1 and len(manifest["skipped"]) == 4
 
 
 def test_sharded_prep_and_merge_equal_single_prep(corpus, tmp_path):
@@ -277,3 +297,141 @@ def test_repeated_file_names_across_inputs_are_refused(tmp_path):
         (tmp_path / folder / "a.jsonl").write_text('{"text": "hello"}\n')
     with pytest.raises(ValueError, match="several inputs hold a file named 'a.jsonl'"):
         prep_text([tmp_path / "d1", tmp_path / "d2"], tmp_path / "o", options=opts(num_shards=2))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 kB, so that files of a few tens of kB are cut into many (the default is 4 MiB)."""
+    from data_prep import text
+
+    monkeypatch.setattr(text, "CHUNK_BYTES", 3000)
+    return text
+
+
+def test_large_files_are_cut_into_chunks_without_changing_the_output(small_chunks, tmp_path):
+    from data_prep.text import iter_units, unit_chunks
+
+    data = tmp_path / "in"
+    data.mkdir()
+    # A blank line keeps its number; a line longer than a chunk is a chunk of its own.
+    jsonl = make_docs(7, 50) + ["", "x" * 7000] + make_docs(150, 53)
+    lines = [json.dumps({"text": d}) if d else "" for d in jsonl]
+    (data / "a.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))  # no newline at the end
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = make_docs(90, 51)
+    pq.write_table(pa.table({"text": rows}), data / "b.parquet", row_group_size=25)
+    subset = make_docs(60, 52)
+    (data / "urlsf_subset02-0_data.xz").write_bytes(xz_subset(subset, "s"))  # compressed > 3 kB: streamed
+    counts = {u.name: sum(1 for _ in unit_chunks(u, "text")) for u in iter_units([data])}
+    assert all(n >= 3 for n in counts.values()), counts
+
+    want_docs = [d for d in jsonl if d] + rows + subset
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        prep_text([data], outs[workers], vocab_size=400, val_fraction=0.15, seq_len=64,
+                  options=opts(workers=workers))
+    # The holdout hashes (file, document number): line numbers count the blank line.
+    numbered = [("a.jsonl.gz", i, d) for i, d in enumerate(jsonl)]
+    numbered += [("b.parquet", i, d) for i, d in enumerate(rows)]
+    numbered += [("urlsf_subset02-0_data.xz", i, d) for i, d in enumerate(subset)]
+    want_val = [d for f, i, d in numbered if d and in_validation(1234, f, i, 0.15)]
+    want_train = [d for f, i, d in numbered if d and not in_validation(1234, f, i, 0.15)]
+    assert sorted(want_train + want_val) == sorted(want_docs) and want_val
+    assert_documents(documents(outs[1], "train"), want_train, sum(counts.values()))
+    assert_documents(documents(outs[1], "val"), want_val, sum(counts.values()))
+    for split in ("train", "val"):
+        a, b = samples(outs[1], split), samples(outs[2], split)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    # Sharded by files and merged: exactly the single prep.
+    model = outs[1] / "tokenizer" / "spm.model"
+    parts = []
+    for index in range(2):
+        parts.append(tmp_path / f"part{index}")
+        prep_text([data], parts[-1], tokenizer_model=model, val_fraction=0.15, seq_len=64,
+                  options=opts(shard_index=index, num_shards=2, workers=2))
+    merge_parts(tmp_path / "merged", parts)
+    for split in ("train", "val"):
+        a, b = samples(outs[1], split), samples(tmp_path / "merged", split)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    # Other chunk sizes cut elsewhere (packing restarts elsewhere) but hold out the same documents.
+    small_chunks.CHUNK_BYTES = 1 << 20
+    assert all(sum(1 for _ in unit_chunks(u, "text")) == 1 for u in iter_units([data]))
+    prep_text([data], tmp_path / "big", tokenizer_model=model, val_fraction=0.15, seq_len=64, options=opts())
+    assert_documents(documents(tmp_path / "big", "train"), want_train, 3)
+    assert_documents(documents(tmp_path / "big", "val"), want_val, 3)
+
+
+def test_jsonl_chunks_are_whole_lines_cut_by_content_alone(small_chunks, tmp_path):
+    from data_prep.text import TextUnit, unit_chunks
+
+    lines = [json.dumps({"text": "y" * n}) for n in (10, 2990, 5, 6000, 40, 1500, 1500, 1500, 3)]
+    raw = ("\n".join(lines) + "\n").encode()
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    (tmp_path / "a.jsonl.zst").write_bytes(__import__("zstandard").ZstdCompressor().compress(raw))
+    cuts = {}
+    for name in ("a.jsonl", "a.jsonl.zst"):
+        unit = TextUnit(name, "jsonl", (str(tmp_path / name),))
+        chunks = list(unit_chunks(unit, "text"))
+        assert b"".join(c.data for c in chunks) == raw
+        assert all(c.data.endswith(b"\n") and (len(c.data) <= 3000 or c.data.count(b"\n") == 1) for c in chunks)
+        assert [c.first for c in chunks] == [0] + list(np.cumsum([c.data.count(b"\n") for c in chunks[:-1]]))
+        cuts[name] = [len(c.data) for c in chunks]
+    # Line sizes 23, 3003, 18, 6013, 53, 1513, 1513, 1513, 16: each cut is at the last newline within 3000 bytes
+    # of the previous one, or after a longer line.
+    assert cuts["a.jsonl"] == cuts["a.jsonl.zst"] == [23, 3003, 18, 6013, 53 + 1513, 1513, 1513 + 16]
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_a_truncated_jsonl_keeps_the_lines_before_the_damage(small_chunks, tmp_path, codec):
+    import zstandard
+
+    docs = make_docs(200, 60)
+    raw = "\n".join(json.dumps({"text": d}) for d in docs).encode()
+    if codec == "gzip":
+        packed, name = gzip.compress(raw), "t.jsonl.gz"
+    else:  # several frames: the reader goes on past the first
+        frame = zstandard.ZstdCompressor().compress
+        packed, name = b"".join(frame(raw[i:i + 20000]) for i in range(0, len(raw), 20000)), "t.jsonl.zst"
+    (tmp_path / name).write_bytes(packed[:len(packed) * 2 // 3])
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / name).write_bytes(packed)
+    whole = prep_text([tmp_path / "whole" / name], tmp_path / "o1", vocab_size=400, val_fraction=0, seq_len=64,
+                      options=opts())
+    assert whole["skipped"] == []
+    assert_documents(documents(tmp_path / "o1", "train"), docs, len(raw) // 3000 + 1)
+    manifest = prep_text([tmp_path / name], tmp_path / "o2", tokenizer_model=tmp_path / "o1/tokenizer/spm.model",
+                         val_fraction=0, seq_len=64, options=opts(workers=2, max_skip_fraction=1.0))
+    [skip] = manifest["skipped"]
+    kept = int(re.fullmatch(r"damaged after (\d+) lines: \w+: .+; the rest skipped", skip["reason"]).group(1))
+    assert skip["file"] == name and 0 < kept < 200
+    assert_documents(documents(tmp_path / "o2", "train"), docs[:kept], kept)  # whole lines only, in order
+    assert manifest["items"] == kept + 1
+
+
+def test_outer_tarball_members_are_streamed_in_chunks(small_chunks, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.text import _tokenizer_sample
+
+    jsonl, rows = make_docs(80, 70), make_docs(40, 71)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": d}) for d in jsonl)
+                                                              .encode()))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "m" / "b.parquet", row_group_size=10)
+    with tarfile.open(tmp_path / "dump.tar", "w") as tar:
+        for name in ("a.jsonl.gz", "b.parquet"):
+            tar.add(tmp_path / "m" / name, arcname=f"dump/{name}")
+    out = tmp_path / "o"
+    manifest = prep_text([tmp_path / "dump.tar"], out, vocab_size=400, val_fraction=0, seq_len=64,
+                         options=opts(workers=2))
+    assert manifest["skipped"] == [] and manifest["stats"]["documents"] == 120
+    assert_documents(documents(out, "train"), jsonl + rows, 40)
+    # The tokenizer sample reads at most --tokenizer-sample-docs documents of a file: its first ones.
+    first = [line for doc in jsonl[:5] for line in doc.split("\n") if line.strip()]
+    assert _tokenizer_sample([tmp_path / "m" / "a.jsonl.gz"], 5, "text", 1234) == first
