@@ -24,7 +24,7 @@ import numpy as np
 from data_prep import mds
 from data_prep.contract import DONE, MANIFEST, REQUIRED_KEYS, TOKENIZER_DIR, read_manifest, token_dtype
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text chunks of 4 MiB, holdout by (file, document number)
 
 
 @dataclasses.dataclass
