@@ -30,6 +30,6 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
-def loader_worker_init(parent_pid: int, worker_id: int) -> None:
+def loader_worker_init(parent_pid: int | None, worker_id: int) -> None:
     """`worker_init_fn` of the training and evaluation data loaders (use with functools.partial)."""
     die_with_parent(parent_pid)

@@ -17,7 +17,7 @@ import sys
 import time
 
 from data_prep.lifetime import die_with_parent
-from data_prep.mds import SHM_NAMESPACE_ENV, remove_dead_segments
+from data_prep.shm import SHM_NAMESPACE_ENV, new_namespace, remove_dead_segments
 from pipeline.config import Config
 from pipeline.train import EXIT_STOPPED, prepare_run_dir
 
@@ -30,12 +30,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def process_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+def process_env(rank: int, nproc: int, port: int, namespace: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
     # One shared-memory namespace per job: streaming's segments never meet another job's on this node.
-    env[SHM_NAMESPACE_ENV] = f"L{os.getpid()}"
+    env[SHM_NAMESPACE_ENV] = namespace
     # Several CPU processes on one machine: share the cores instead of each taking all of them.
     if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
@@ -47,8 +47,8 @@ def launch_local(config: Config, fresh: bool = False, adopt: bool = False) -> in
     folder = prepare_run_dir(config, fresh, adopt)
     nproc, port = config.launch.nproc, free_port()
     command = [sys.executable, "-m", "pipeline.train", str(folder / "config.yaml")]
-    launcher = os.getpid()
-    procs = [subprocess.Popen(command, env=process_env(rank, nproc, port),
+    launcher, namespace = os.getpid(), new_namespace("L")
+    procs = [subprocess.Popen(command, env=process_env(rank, nproc, port, namespace),
                               preexec_fn=lambda: die_with_parent(launcher)) for rank in range(nproc)]
 
     def forward(signum: int, frame: object) -> None:

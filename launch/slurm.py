@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from data_prep.mds import SHM_NAMESPACE_ENV
+from data_prep.shm import SHM_NAMESPACE_ENV
 from pipeline.config import Config, SlurmConfig, load_config, to_dict
 
 SUBMISSION = "submission.json"
@@ -118,7 +118,8 @@ class TrainTask:
         import submitit
 
         job_key = "".join(c if c.isalnum() else "." for c in str(submitit.JobEnvironment().job_id))
-        os.environ[SHM_NAMESPACE_ENV] = f"S{job_key}r{restarts}"
+        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"  # else submitit's local executor
+        os.environ[SHM_NAMESPACE_ENV] = f"S{job_key}r{restarts}" if on_slurm else f"Q{job_key}"
         if rank == 0:
             _write_state(run, job_id=job_id, restarts=restarts, state="running")
         try:

@@ -66,13 +66,19 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def hash_file(path: Path, chunk: int = 1 << 24) -> str:
     """xxh3-128 of a file's bytes: about 4.5 GB/s from the page cache on one core, so the disk is the limit."""
+    return file_record(path, chunk)[HASH]
+
+
+def file_record(path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
+    """{"size", "xxh3_128"} of a file, the size being the bytes actually read (not a possibly stale stat)."""
     import xxhash
 
-    digest = xxhash.xxh3_128()
+    digest, size = xxhash.xxh3_128(), 0
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return {"size": size, HASH: digest.hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------------------ RNG
@@ -161,8 +167,7 @@ def adopt(folder: Path) -> list[Path]:
         if step is None:
             raise ValueError(f"cannot adopt {path}: pope-pretrain checkpoints are named {PREFIX}NNNNNNNN (the step); "
                              "move it out of the checkpoints folder")
-        files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, HASH: hash_file(p)}
-                 for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {p.relative_to(path).as_posix(): file_record(p) for p in sorted(path.rglob("*")) if p.is_file()}
         marker = {"step": step, "identity": {}, "files": files, "adopted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
         adopted.append(path)
@@ -200,9 +205,13 @@ class Checkpointer:
                              "away, or adopt it with --adopt-checkpoints")
         distributed.barrier(self.env)  # every rank has looked before rank 0 marks the folder as its own
         if self.env.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path / SAVING, json.dumps({"step": step, "started": time.time()}) + "\n")
-            (path / MARKER).unlink(missing_ok=True)  # re-saving a step (a resumed run saving again) unpublishes it
+            if path.exists():  # ours: re-saving a step (a run resumed from an older checkpoint) unpublishes it
+                (path / MARKER).unlink(missing_ok=True)
+            else:  # the folder appears with its SAVING.json already inside: never a folder without a marker
+                staging = self.folder / f".{tag}.tmp-{os.getpid()}"
+                staging.mkdir(parents=True)
+                _atomic_write(staging / SAVING, json.dumps({"step": step, "started": time.time()}) + "\n")
+                os.rename(staging, path)
         distributed.barrier(self.env)
         try:
             engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
@@ -212,10 +221,11 @@ class Checkpointer:
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
             raise CheckpointWriteError(_write_failure(path, err, self.complete_steps())) from None
         distributed.barrier(self.env)  # every rank's files are on disk
-        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                       if p.is_file() and p.name not in (MARKER, SAVING))
-        mine = {name: {"size": (path / name).stat().st_size, HASH: hash_file(path / name)}
-                for name in names[self.env.rank::self.env.world_size]}  # each rank hashes its share
+        # One listing, rank 0's, for all: on a network file system another node's view of the folder may lag.
+        names = distributed.broadcast(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                                             if p.is_file() and p.name not in (MARKER, SAVING))
+                                      if self.env.is_main else None, self.env)
+        mine = {name: file_record(path / name) for name in names[self.env.rank::self.env.world_size]}
         shares = distributed.all_gather(mine, self.env)
         if self.env.is_main:
             files = {name: entry for share in shares for name, entry in share.items()}
@@ -241,7 +251,7 @@ class Checkpointer:
         keep = set(complete[-self.keep_last:])
         for entry in self.folder.glob(f"{PREFIX}*"):
             step = _step_of(entry)
-            ours = (entry / MARKER).is_file() or (entry / SAVING).is_file()
+            ours = (entry / SAVING).is_file()  # adopted folders have a COMPLETE.json but were not written here
             if step is not None and ours and step not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
 
@@ -297,6 +307,12 @@ class Checkpointer:
                 f"{self.folder} holds checkpoint folders that no save of this run marked complete ({names}); they "
                 "are never loaded, overwritten or deleted unasked: start over with --fresh (removes them), adopt "
                 "them as they are with --adopt-checkpoints, or move them away")
+        ahead = [p for p in foreign if (_step_of(p) or 0) >= steps[-1]] if steps else []
+        if ahead:  # the run would reach that step and refuse to save over it, losing the work in between
+            raise ForeignCheckpoints(
+                f"{self.folder} holds {', '.join(p.name for p in ahead)}, not written by this run, at or after its "
+                f"newest checkpoint {tag_for(steps[-1])}: the run could not save there; move it away, adopt it "
+                "with --adopt-checkpoints, or start over with --fresh (removes it)")
         if foreign and self.env.is_main:
             warnings.warn(f"leaving alone folders in {self.folder} that this run did not write: "
                           f"{', '.join(p.name for p in foreign)}", stacklevel=2)
@@ -313,14 +329,15 @@ class Checkpointer:
                     rng = safe_load.load(self.folder / tag_for(step) / f"rng_rank{self.env.rank:05d}.pt")
                     ok = client_state is not None and "step" in client_state
                     reason = None if ok else "not a pope-pretrain checkpoint (no step in its client state)"
-                except safe_load.UnsafeCheckpoint:
-                    raise
-                except Exception as err:  # noqa: BLE001 - any failure: try the next older checkpoint
-                    reason, ok = f"loading failed: {type(err).__name__}: {err}", False
-                if distributed.all_reduce_sum([0.0 if ok else 1.0], self.env)[0] == 0:
+                except Exception as err:  # noqa: BLE001 - agreed over the ranks below, then reported
+                    reason, ok = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", False
+                reasons = [r for r in distributed.all_gather(reason, self.env) if r is not None]
+                if not reasons:
                     set_rng_state(rng)
                     return client_state
-                reason = reason or "loading failed on another rank"
+                # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
+                # damage. Falling back would train over it and later prune it, so the run stops instead.
+                raise ValueError(f"cannot load {self.folder / tag_for(step)}, whose files are intact: {reasons[0]}")
             if self.env.is_main:
                 warnings.warn(f"skipping damaged checkpoint {self.folder / tag_for(step)}: {reason}", stacklevel=2)
         if steps:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,8 @@ import torch
 
 from data_prep.contract import manifest_hash, read_manifest
 from data_prep.lifetime import loader_worker_init
-from data_prep.mds import TOKENS_COLUMN, import_streaming, remove_dead_segments
+from data_prep.mds import TOKENS_COLUMN, import_streaming
+from data_prep.shm import remove_dead_segments
 from data_prep.tokenizers import load_tokenizer
 from pipeline.config import Config, DataConfig
 from pipeline.distributed import DistEnv
@@ -78,7 +80,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
 def clean_stale_shared_memory(env: DistEnv) -> None:
     """Remove the shared-memory segments dead processes left in /dev/shm (collective: every rank calls it).
 
-    Only segments no live process holds are removed (data_prep/mds.py), so other jobs on the node, running or
+    Only segments of jobs whose processes are all gone are removed (data_prep/shm.py), so other jobs on the node, running or
     starting, are never touched; each job's segments live in a namespace of its own anyway.
     """
     from pipeline import distributed
@@ -100,7 +102,10 @@ def make_loader(dataset: Dataset, cfg: DataConfig, split: str, train: bool) -> A
     return streaming.StreamingDataLoader(
         streaming_dataset, batch_size=cfg.micro_batch_size, collate_fn=_collate, num_workers=cfg.num_workers,
         drop_last=train, persistent_workers=False, generator=generator,
-        worker_init_fn=functools.partial(loader_worker_init, os.getpid()))
+        # Workers forked by this process check that it is still their parent; under forkserver/spawn their parent
+        # is a server process (which dies with this one), so there is nothing to compare with.
+        worker_init_fn=functools.partial(loader_worker_init,
+                                         os.getpid() if multiprocessing.get_start_method() == "fork" else None))
 
 
 def batches_forever(loader: Any) -> Iterator[dict[str, list[np.ndarray]]]:

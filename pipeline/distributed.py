@@ -88,6 +88,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast(value: object, env: DistEnv) -> object:
+    """Rank 0's (picklable, small) value on every rank."""
+    if env.world_size == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def all_gather(value: object, env: DistEnv) -> list:
     """Every rank's (picklable, small) value, in rank order, on every rank."""
     if env.world_size == 1:

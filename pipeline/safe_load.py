@@ -74,6 +74,9 @@ def allowed_globals() -> set[str]:
 
 def enforce() -> None:
     """From now on, every torch.load in this process is restricted to tensors, plain data and allowed classes."""
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        raise ValueError("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: pope-pretrain loads checkpoints weights-only "
+                         "(no code runs); unset it")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     torch.serialization.add_safe_globals(_deepspeed_classes() + _numpy_globals())
 

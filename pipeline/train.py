@@ -117,7 +117,14 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(out, ds.extra)
+    merged = deep_merge(out, ds.extra)
+    writer = merged.get("checkpoint", {}).get("writer") if isinstance(merged.get("checkpoint"), dict) else None
+    if writer or merged.get("nebula", {}).get("enabled"):
+        # They write after save_checkpoint returns: COMPLETE.json would vouch for files still being written.
+        raise ValueError("deepspeed.extra selects an asynchronous checkpoint writer (checkpoint.writer or nebula); "
+                         "pope-pretrain marks a checkpoint complete when save_checkpoint returns, so it needs the "
+                         "default synchronous one")
+    return merged
 
 
 def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:

@@ -141,7 +141,16 @@ def test_unmarked_checkpoints_stop_the_run_and_are_kept(text_dataset, finished_r
     more = run_pope(*tiny_train_args(text_dataset, tmp_path, "run", *ONE_PROCESS, "schedule.max_steps=14",
                                      "checkpoint.keep_last=1"))
     assert "did not write" in more.stderr and (foreign / "weights.pt").read_bytes() == b"not ours"
-    assert [p.name for p in _checkpoints(run)] == ["global_step3", "step00000014"]
+    # adopted folders were not written by this program either: kept; its own older ones are pruned
+    assert [p.name for p in _checkpoints(run)] == ["global_step3", "step00000002", "step00000004", "step00000014"]
+
+    ahead = run / "checkpoints" / "step00000020"  # an unmarked folder the run would have to save over
+    ahead.mkdir()
+    proc = run_pope(*tiny_train_args(text_dataset, tmp_path, "run", *ONE_PROCESS, "schedule.max_steps=24"),
+                    check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pope: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "step00000020" in errors[0], proc.stderr
+    assert ahead.is_dir() and max(m["step"] for m in metrics(run)) == 14  # stopped before training on
 
 
 def test_disk_full_while_checkpointing_loses_nothing(text_dataset, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, metrics, run_pope, tiny_train_args
-from data_prep.mds import SHM_DIR, remove_dead_segments
+from data_prep.shm import SHM_DIR, remove_dead_segments
 
 pytestmark = pytest.mark.slow
 
@@ -113,23 +113,50 @@ def test_two_runs_on_one_node_one_resuming_keep_their_own_data_order(text_datase
         assert "leaked shared_memory" not in err, err[-2000:]
 
 
-def test_dead_segments_are_removed_live_ones_kept(tmp_path):
-    from multiprocessing import shared_memory
+JOB = """
+import os, sys, time
+from multiprocessing import resource_tracker, shared_memory
+from data_prep import shm
+shm._hold_lock(sys.argv[1])
+segment = shared_memory.SharedMemory(sys.argv[1] + "_000000_locals", create=True, size=16)
+segment.close()  # unmapped and closed: only the namespace lock says that the job lives
+resource_tracker.unregister(segment._name, "shared_memory")  # as a SIGKILLed job's (its tracker dies too)
+print("ready", flush=True)
+if sys.argv[2] == "die":
+    os._exit(0)
+time.sleep(600)
+"""
 
-    live = shared_memory.SharedMemory("pTEST1_000000_locals", create=True, size=16)  # held by this process
-    dead = subprocess.run([sys.executable, "-c", "import os\nfrom multiprocessing import shared_memory as s\n"
-                           "m = s.SharedMemory('pTEST2_000000_barrier', create=True, size=16)\nos._exit(0)"])
-    assert dead.returncode == 0 and (SHM_DIR / "pTEST2_000000_barrier").exists()  # left by a killed process
-    other = SHM_DIR / "not_streaming_000000_locals_x"
-    other.write_bytes(b"x")  # not a streaming name: never touched
+
+def test_dead_jobs_segments_are_removed_live_ones_kept(tmp_path):
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    live = subprocess.Popen([sys.executable, "-c", JOB, "pTESTlive", "live"], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    assert live.stdout.readline().strip() == "ready"
+    dead = subprocess.run([sys.executable, "-c", JOB, "pTESTdead", "die"], capture_output=True, text=True, env=env)
+    assert dead.stdout.strip() == "ready"
+    filelock = Path(tempfile.gettempdir()) / "pTESTdead_000000_barrier_filelock"
+    filelock.write_text("")
+    young = SHM_DIR / "000777_barrier"  # another program's streaming, just created: left alone for a minute
+    young.write_bytes(b"x")
+    other = SHM_DIR / "not_streaming_000000_locals_x"  # not streaming's name: never touched
+    other.write_bytes(b"x")
     try:
         removed = remove_dead_segments()
-        assert "pTEST2_000000_barrier" in removed and not (SHM_DIR / "pTEST2_000000_barrier").exists()
-        assert (SHM_DIR / "pTEST1_000000_locals").exists() and other.exists()
+        assert {"pTESTdead_000000_locals", "pope-pTESTdead.lock", filelock.name} <= set(removed)
+        assert not (SHM_DIR / "pTESTdead_000000_locals").exists() and not filelock.exists()
+        assert (SHM_DIR / "pTESTlive_000000_locals").exists() and (SHM_DIR / "pope-pTESTlive.lock").exists()
+        assert young.exists() and other.exists()
+        live.kill()
+        live.wait()
+        removed = remove_dead_segments()
+        assert "pTESTlive_000000_locals" in removed and not (SHM_DIR / "pope-pTESTlive.lock").exists()
     finally:
-        live.close()
-        live.unlink()
-        other.unlink()
+        live.kill()
+        for path in (young, other, SHM_DIR / "pTESTlive_000000_locals", SHM_DIR / "pope-pTESTlive.lock"):
+            path.unlink(missing_ok=True)
 
 
 def test_killed_launcher_takes_ranks_and_loader_workers_with_it(text_dataset, tmp_path):

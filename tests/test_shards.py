@@ -120,16 +120,19 @@ def test_an_empty_shard_publishes_and_merges(tmp_path):
 def test_pruning_keeps_good_checkpoints_and_drops_a_damaged_future(tmp_path):
     import json as _json
 
-    from pipeline.checkpoint import MARKER, Checkpointer, tag_for
+    from pipeline.checkpoint import MARKER, SAVING, Checkpointer, tag_for
     from pipeline.distributed import DistEnv
 
     folder = tmp_path / "checkpoints"
     for step in (250, 500, 1000):  # 1000: complete once, damaged since, skipped by the resume from 500
         (folder / tag_for(step)).mkdir(parents=True)
         (folder / tag_for(step) / MARKER).write_text(_json.dumps({"step": step, "identity": {}, "files": {}}))
-    (folder / tag_for(600)).mkdir()  # an interrupted save
+    (folder / tag_for(600)).mkdir()  # an interrupted save of this program (SAVING.json)
+    (folder / tag_for(600) / SAVING).write_text("{}")
+    (folder / tag_for(700)).mkdir()  # a folder this program did not write: never pruned
+    (folder / tag_for(700) / "weights.pt").write_bytes(b"theirs")
     checkpoints = Checkpointer(folder, DistEnv(), keep_last=1, identity={})
     (folder / tag_for(750)).mkdir()
     (folder / tag_for(750) / MARKER).write_text(_json.dumps({"step": 750, "identity": {}, "files": {}}))
     checkpoints._prune(750)
-    assert sorted(p.name for p in folder.iterdir()) == [tag_for(750)]
+    assert sorted(p.name for p in folder.iterdir()) == [tag_for(700), tag_for(750)]
