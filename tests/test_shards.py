@@ -127,6 +127,7 @@ def test_pruning_keeps_good_checkpoints_and_drops_a_damaged_future(tmp_path):
     for step in (250, 500, 1000):  # 1000: complete once, damaged since, skipped by the resume from 500
         (folder / tag_for(step)).mkdir(parents=True)
         (folder / tag_for(step) / MARKER).write_text(_json.dumps({"step": step, "identity": {}, "files": {}}))
+        (folder / tag_for(step) / SAVING).write_text("{}")  # saved by this program
     (folder / tag_for(600)).mkdir()  # an interrupted save of this program (SAVING.json)
     (folder / tag_for(600) / SAVING).write_text("{}")
     (folder / tag_for(700)).mkdir()  # a folder this program did not write: never pruned
@@ -134,5 +135,6 @@ def test_pruning_keeps_good_checkpoints_and_drops_a_damaged_future(tmp_path):
     checkpoints = Checkpointer(folder, DistEnv(), keep_last=1, identity={})
     (folder / tag_for(750)).mkdir()
     (folder / tag_for(750) / MARKER).write_text(_json.dumps({"step": 750, "identity": {}, "files": {}}))
+    (folder / tag_for(750) / SAVING).write_text("{}")
     checkpoints._prune(750)
     assert sorted(p.name for p in folder.iterdir()) == [tag_for(700), tag_for(750)]
