@@ -115,10 +115,13 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if positions is None:
             positions = torch.arange(seq, device=tokens.device)
+        # PoPE, RoPE and none compute their phases for any position, so they read past model.max_seq_len (length
+        # extrapolation); a learned table has no row beyond it.
+        if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond what learned absolute positions know "
+                             f"(model.max_seq_len={self.cfg.max_seq_len})")
         x = self.embed(tokens)
         if self.learned_positions is not None:
             x = x + self.learned_positions(positions)
