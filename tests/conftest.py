@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,6 +58,20 @@ def tiny_train_args(dataset: Path, run_dir: Path, name: str, *extra: str) -> lis
     return ["train", "tiny/owt_124m_pope", f"data.path={dataset}", "data.seq_len=32", f"run_dir={run_dir}",
             f"name={name}", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.max_seq_len=32",
             *extra]
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str):
+    """A real file system of `size` (tmpfs) at `mount`, to fill up; the test is skipped where mounting is refused."""
+    mount.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def metrics(run: Path) -> list[dict]:

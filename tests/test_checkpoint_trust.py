@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import metrics, run_pope, tiny_train_args
+from conftest import metrics, run_pope, small_tmpfs, tiny_train_args
 from pipeline.checkpoint import HASH, Checkpointer, hash_file
 from pipeline.distributed import DistEnv
 
@@ -154,13 +154,7 @@ def test_unmarked_checkpoints_stop_the_run_and_are_kept(text_dataset, finished_r
 
 
 def test_disk_full_while_checkpointing_loses_nothing(text_dataset, tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mount:
         args = tiny_train_args(text_dataset, mount, "run", *ONE_PROCESS, "checkpoint.keep_last=10",
                                "schedule.max_steps=12")
         proc = run_pope(*args, check=False)
@@ -173,5 +167,3 @@ def test_disk_full_while_checkpointing_loses_nothing(text_dataset, tmp_path):
         resumed = run_pope(*args)
         assert f"resumed from step {int(complete[-1].name[4:])}" in resumed.stdout
         assert max(m["step"] for m in metrics(mount / "run")) == 12
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

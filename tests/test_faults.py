@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import small_tmpfs
 from data_prep.contract import DONE, read_manifest
 from launch.cli import main as pope_main
 
@@ -75,16 +76,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Path:
     """A 1 MiB tmpfs: a real file system that fills up."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "fs", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_is_one_line_and_keeps_the_finished_output(tiny_fs, capsys):
