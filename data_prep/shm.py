@@ -20,6 +20,7 @@ Only files of this user are touched.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import re
@@ -80,8 +81,24 @@ def _hold_lock(namespace: str) -> None:
             same = False
         if same:  # not removed by a cleaner between our open and our lock
             _held[namespace] = fd
+            atexit.register(_release, namespace, os.getpid())
             return
         os.close(fd)
+
+
+def _release(namespace: str, pid: int) -> None:
+    """At exit of the process that took the lock: remove the lock file if no process of the job holds it any
+    more and no segment of the namespace is left (streaming unlinks its own on a clean exit)."""
+    if os.getpid() != pid or namespace not in _held:
+        return  # a forked child inherits atexit handlers; only the taker cleans up
+    os.close(_held.pop(namespace))
+    dead, fd = _namespace_dead(namespace, os.getuid())
+    if dead:
+        try:
+            if not any(SHM_DIR.glob(f"{namespace}_*")):
+                _unlink(str(SHM_DIR / f"{LOCK_PREFIX}{namespace}.lock"), namespace)
+        finally:
+            os.close(fd)
 
 
 def namespace_shared_memory() -> None:
