@@ -96,6 +96,8 @@ def _release(namespace: str, pid: int) -> None:
     if dead:
         try:
             if not any(SHM_DIR.glob(f"{namespace}_*")):
+                for lock in Path(tempfile.gettempdir()).glob(f"{namespace}_*_filelock"):
+                    _unlink(str(lock), lock.name)
                 _unlink(str(SHM_DIR / f"{LOCK_PREFIX}{namespace}.lock"), namespace)
         finally:
             os.close(fd)
@@ -215,7 +217,12 @@ def remove_dead_segments() -> list[str]:
                     os.close(fd)
     for entry in os.scandir(tempfile.gettempdir()):  # streaming's file locks of dead namespaces
         match = _FILELOCK.match(entry.name)
-        if match and match.group(1) in dead_namespaces:
+        namespace = match.group(1) if match else None
+        # A namespace's lock file exists before any of its segments or file locks and is removed only once all its
+        # processes are gone: file locks of a namespace with neither lock file nor segment are left by dead jobs.
+        orphaned = namespace is not None and namespace[:1] in ("L", "S", "Q", "p", "m") and \
+            not (SHM_DIR / f"{LOCK_PREFIX}{namespace}.lock").exists() and not any(SHM_DIR.glob(f"{namespace}_*"))
+        if match and (namespace in dead_namespaces or orphaned):
             try:
                 if entry.stat(follow_symlinks=False).st_uid == uid:
                     removed += _unlink(entry.path, entry.name)
