@@ -11,7 +11,9 @@ token of the sample is a target exactly once). The dataset the loader shuffles h
 window i mod k of sample i div k), so streaming's shuffle, its partition over ranks and workers, and its
 state_dict/load_state_dict act on windows exactly as they did on samples. A window that starts at or past the
 last token of a shorter sample has fewer than 2 tokens: it comes back empty and becomes a padding row (no
-target). With data.loss_on=last a sample is one example and is never cut (k = 1). Loader workers only read samples; turning them into (inputs, targets) tensors, and the per-corpus
+target). With data.loss_on=last a sample is one example and is never cut (k = 1).
+
+Loader workers only read windows; turning them into (inputs, targets) tensors, and the per-corpus
 augmentations, happen in the training process with a generator seeded by (seed, step, micro-step, rank): that keeps
 a resumed run's batches identical to an uninterrupted run's, which worker-side randomness would not.
 """

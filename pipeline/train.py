@@ -207,7 +207,8 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
     identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
-                "zero_stage": config.deepspeed.zero_stage, "windows_per_sample": windows_per_sample(dataset, config.data)}
+                "zero_stage": config.deepspeed.zero_stage,
+                "windows_per_sample": windows_per_sample(dataset, config.data)}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
     clean_stale_shared_memory(env)
     loader = make_loader(dataset, config.data, config.data.train_split, train=True)
