@@ -189,3 +189,28 @@ def test_windowed_run_resumes_bit_for_bit(long_samples, tmp_path):
     # Another number of windows per sample would point the saved data position elsewhere: refused.
     proc = run_pope(*args, "schedule.max_steps=14", "data.seq_len=32", "model.max_seq_len=32", check=False)
     assert proc.returncode == 2 and "counts 4 window(s) per prepared sample" in proc.stderr
+
+
+def test_sample_lengths_of_compressed_shards(tmp_path):
+    """Counting windows reads offset tables; a zstd shard not yet unpacked is read through streaming's decompress."""
+    from data_prep.indirect import prep_indirect
+
+    out, plain = tmp_path / "zstd", tmp_path / "plain"
+    prep_indirect(out, train=60, val=10, test=10, seq_len=64,
+                  options=PrepOptions(workers=1, progress=False, compression="zstd"))
+    prep_indirect(plain, train=60, val=10, test=10, seq_len=64, options=PrepOptions(workers=1, progress=False))
+    assert not list((out / "train").glob("*.mds")) and list((out / "train").glob("*.mds.zstd"))
+    lengths = sample_lengths(out / "train")
+    assert np.array_equal(lengths, [len(s) for s in read_split(plain / "train")]) and len(lengths) == 60
+
+
+def test_sample_lengths_across_length_field_widths(tmp_path):
+    """MDS stores a sample's length in 1, 2 or 4 bytes depending on its size; all are read back right."""
+    from data_prep.mds import open_writer
+
+    lengths = [2, 255, 256, 3, 65535, 65536, 70001, 17]
+    for dtype in (np.uint16, np.uint32):
+        with open_writer(tmp_path / np.dtype(dtype).name, np.dtype(dtype)) as writer:
+            for n in lengths:
+                writer.write({"tokens": np.arange(n, dtype=dtype) % 300})
+        assert sample_lengths(tmp_path / np.dtype(dtype).name).tolist() == lengths
