@@ -187,8 +187,8 @@ def test_windowed_run_resumes_bit_for_bit(long_samples, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all("val/loss" not in m or np.isfinite(m["val/loss"]) for m in metrics(tmp_path / "killed"))
     # Another number of windows per sample would point the saved data position elsewhere: refused.
-    proc = run_pope(*args, "schedule.max_steps=14", "data.seq_len=32", "model.max_seq_len=32", check=False)
-    assert proc.returncode == 2 and "counts 4 window(s) per prepared sample" in proc.stderr
+    proc = run_pope(*args, "schedule.max_steps=14", "data.seq_len=8", check=False)
+    assert proc.returncode == 2 and "counts 4 window(s) per prepared sample, data.seq_len now cuts 8" in proc.stderr
 
 
 def test_sample_lengths_of_compressed_shards(tmp_path):
