@@ -359,4 +359,8 @@ def _mismatch_message(key: str, stored: Any, current: Any, run_dir: Path) -> str
         return (f"cannot resume {run_dir} on {current} processes: it was saved by {stored}, and ZeRO partitions "
                 f"optimizer state per process; run with {stored} processes, or convert the checkpoint with "
                 f"DeepSpeed's universal checkpoint tools")
+    if key == "windows_per_sample":
+        return (f"cannot resume {run_dir}: its data position counts {stored} window(s) per prepared sample, "
+                f"data.seq_len now cuts {current} (ceil(prepared seq_len / data.seq_len)); set data.seq_len back, "
+                f"or {hint}")
     return f"cannot resume {run_dir}: {key} was {stored!r}, now {current!r}; {hint}"

@@ -3,7 +3,17 @@
 Each process reads its share of a split with a StreamingDataset (local=the prep folder, remote=None, a fixed
 shuffle seed, batch_size=the micro-batch, a fixed num_canonical_nodes so the sample order does not depend on the
 number of processes) inside a StreamingDataLoader, whose state_dict() is the data position saved with every
-checkpoint. Loader workers only read samples; turning them into (inputs, targets) tensors, and the per-corpus
+checkpoint.
+
+Windows: a prepared sample holds up to P+1 tokens (P: the prep's seq_len); training at S = data.seq_len < P cuts it
+into k = ceil(P/S) windows, window j being tokens [j·S, j·S+S+1) (consecutive windows share one token, so every
+token of the sample is a target exactly once). The dataset the loader shuffles has k items per sample (item i is
+window i mod k of sample i div k), so streaming's shuffle, its partition over ranks and workers, and its
+state_dict/load_state_dict act on windows exactly as they did on samples. A window that starts at or past the
+last token of a shorter sample has fewer than 2 tokens: it comes back empty and becomes a padding row (no
+target). With data.loss_on=last a sample is one example and is never cut (k = 1).
+
+Loader workers only read windows; turning them into (inputs, targets) tensors, and the per-corpus
 augmentations, happen in the training process with a generator seeded by (seed, step, micro-step, rank): that keeps
 a resumed run's batches identical to an uninterrupted run's, which worker-side randomness would not.
 """
@@ -12,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -72,6 +84,149 @@ def open_dataset(config: Config) -> Dataset:
     return dataset
 
 
+def windows_per_sample(dataset: Dataset, cfg: DataConfig) -> int:
+    """k: the windows of data.seq_len+1 tokens a full prepared sample is cut into (1 with data.loss_on=last)."""
+    if cfg.loss_on == "last":
+        return 1
+    return math.ceil(int(dataset.manifest["seq_len"]) / cfg.seq_len)
+
+
+def cut_window(tokens: np.ndarray, window: int, seq_len: int) -> np.ndarray:
+    """Window `window` of a sample: tokens [window·seq_len, window·seq_len + seq_len + 1), or an empty array where
+    fewer than 2 tokens (no target) are left there."""
+    piece = tokens[window * seq_len: window * seq_len + seq_len + 1]
+    return piece if len(piece) >= 2 else piece[:0]
+
+
+class _WindowSpanner:
+    """Item (window) id → (shard, sample within the shard) of the sample it is cut from, for streaming.
+
+    StreamingDataset reads `spanner[item]` to find an item's shard (to prepare it) and the sample to read in it;
+    the windows of sample s are items s·k .. s·k+k-1, so this is the sample spanner at item // k.
+    """
+
+    def __init__(self, samples: Any, per_sample: int) -> None:
+        self.samples, self.per_sample = samples, per_sample
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return self.samples[index // self.per_sample]
+
+
+def _windowed_class() -> type:
+    """StreamingDataset with k items per sample; built on first use because streaming is imported lazily."""
+    cached = globals().get("WindowedStreamingDataset")
+    if cached is not None:
+        return cached
+    streaming = import_streaming()
+
+    class WindowedStreamingDataset(streaming.StreamingDataset):
+        """A StreamingDataset whose items are the windows of its samples (see the module docstring).
+
+        Every count streaming partitions and shuffles by (samples per shard, stream and dataset, and their offsets)
+        is scaled by k, and the spanner maps an item to its sample; the windows of one sample are consecutive
+        items of one shard, which streaming's shuffle spreads like the samples of a shard.
+        """
+
+        def __init__(self, *, seq_len: int, per_sample: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.window_seq_len, self.per_sample = seq_len, per_sample
+            self.num_source_samples = self.num_samples
+            if per_sample == 1:
+                return
+            self.num_samples *= per_sample
+            self.samples_per_stream = self.samples_per_stream * per_sample
+            self.sample_offset_per_stream = self.sample_offset_per_stream * per_sample
+            self.samples_per_shard = self.samples_per_shard * per_sample
+            self.sample_offset_per_shard = self.sample_offset_per_shard * per_sample
+            self.spanner = _WindowSpanner(self.spanner, per_sample)
+            # The epoch and each process's share, as StreamingDataset.__init__ derives them, now in windows.
+            # make_loader gives no stream weights and no epoch_size: each stream draws all its items once, so its
+            # proportion and repeat stay and what it draws grows by k.
+            for stream in self.streams:
+                stream.choose = int(stream.choose) * per_sample
+            self.epoch_size = sum(int(stream.choose) for stream in self.streams)
+            self.length = math.ceil(self.epoch_size / self._parallel_rank_world.num_ranks)
+
+        def get_item(self, sample_id: int, retry: int = 7) -> Any:
+            sample = super().get_item(sample_id, retry)
+            if self.per_sample == 1:
+                return sample
+            tokens = cut_window(sample[TOKENS_COLUMN], sample_id % self.per_sample, self.window_seq_len)
+            return {TOKENS_COLUMN: tokens}
+
+    # Pickled by name into loader workers: it must be found as pipeline.data.WindowedStreamingDataset.
+    WindowedStreamingDataset.__qualname__ = "WindowedStreamingDataset"
+    WindowedStreamingDataset.__module__ = __name__
+    globals()["WindowedStreamingDataset"] = WindowedStreamingDataset
+    return WindowedStreamingDataset
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WindowedStreamingDataset":  # a loader worker unpickling the dataset
+        return _windowed_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass
+class WindowCount:
+    """What an epoch of one split is made of."""
+
+    samples: int
+    per_sample: int
+    empty: int  # windows past the end of shorter samples: padding rows without a target
+    seq_len: int
+
+    @property
+    def windows(self) -> int:
+        return self.samples * self.per_sample
+
+    def describe(self) -> str:
+        return (f"{self.windows:,} windows of {self.seq_len + 1} tokens per epoch from {self.samples:,} samples "
+                f"({self.per_sample} per sample; {self.empty:,} empty, trained as padding windows)")
+
+
+def sample_lengths(split_dir: Path) -> np.ndarray:
+    """The token count of every sample of an MDS split, in order, from the shards' offset tables alone.
+
+    An MDS sample of our one column is [column size: u32][ndim|shape-dtype code: 1 byte][length: 1, 2, 4 or 8
+    bytes, the smallest unsigned int that holds it][tokens], so its byte size (two neighbouring offsets) gives
+    its length without reading the tokens: counting the windows of a large corpus reads ~4 bytes per sample.
+    """
+    index = json.loads((split_dir / "index.json").read_text())
+    out = []
+    for shard in index["shards"]:
+        itemsize = np.dtype(shard["column_encodings"][0].split(":")[1]).itemsize
+        raw = split_dir / shard["raw_data"]["basename"]
+        n = int(shard["samples"])
+        if raw.is_file():
+            with open(raw, "rb") as file:
+                head = file.read(4 * (n + 2))
+        else:  # a compressed shard streaming has not unpacked yet
+            from streaming.base.compression import decompress
+
+            head = decompress(shard["compression"], (split_dir / shard["zip_data"]["basename"]).read_bytes())
+        offsets = np.frombuffer(head, np.uint32, count=n + 2)[1:].astype(np.int64)
+        payload = np.diff(offsets) - 5  # size and code bytes
+        lengths = np.full(n, -1, np.int64)
+        # The byte size grows with the length, so at most one (width, length) pair matches it.
+        for width, low, high in ((1, 1, 1 << 8), (2, 1 << 8, 1 << 16), (4, 1 << 16, 1 << 32), (8, 1 << 32, 1 << 62)):
+            candidate, rest = np.divmod(payload - width, itemsize)
+            lengths = np.where((rest == 0) & (candidate >= low) & (candidate < high), candidate, lengths)
+        if (lengths < 0).any():
+            raise ValueError(f"{raw} does not have the MDS layout pope prep writes; prepare the data again")
+        out.append(lengths)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def count_windows(dataset: Dataset, cfg: DataConfig, split: str) -> WindowCount:
+    """The windows an epoch of `split` has at data.seq_len, and how many of them are empty."""
+    per_sample = windows_per_sample(dataset, cfg)
+    lengths = sample_lengths(dataset.path / split)
+    # Windows j with j·S < L-1 hold at least one target; the rest of the k are empty.
+    used = np.minimum(per_sample, -(-(lengths - 1) // cfg.seq_len)) if per_sample > 1 else np.ones_like(lengths)
+    return WindowCount(len(lengths), per_sample, int((per_sample - used).sum()), cfg.seq_len)
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
     """Workers hand over the raw samples; a dict so StreamingDataLoader counts samples, not tokens."""
     return {TOKENS_COLUMN: [s[TOKENS_COLUMN] for s in samples]}
@@ -91,9 +246,11 @@ def clean_stale_shared_memory(env: DistEnv) -> None:
 
 
 def make_loader(dataset: Dataset, cfg: DataConfig, split: str, train: bool) -> Any:
-    """A StreamingDataLoader over one split for this process (rank and world come from the environment)."""
+    """A StreamingDataLoader over the windows of one split for this process (rank and world come from the
+    environment); each batch is {"tokens": [window arrays]}, an empty array for a padding window."""
     streaming = import_streaming()
-    streaming_dataset = streaming.StreamingDataset(
+    streaming_dataset = _windowed_class()(
+        seq_len=cfg.seq_len, per_sample=windows_per_sample(dataset, cfg),
         local=str(dataset.path / split), remote=None, split=None, shuffle=train, shuffle_seed=cfg.shuffle_seed,
         batch_size=cfg.micro_batch_size, num_canonical_nodes=cfg.num_canonical_nodes, predownload=None)
     # A generator of its own: every new iterator of a torch DataLoader draws a seed from the generator it was
@@ -126,7 +283,8 @@ def batches_forever(loader: Any) -> Iterator[dict[str, list[np.ndarray]]]:
 
 
 class BatchMaker:
-    """Raw samples → (inputs, targets) tensors of shape (batch, seq_len), with the configured augmentations."""
+    """Raw samples (windows) → (inputs, targets) tensors of shape (batch, seq_len), with the configured
+    augmentations; a window of fewer than 2 tokens becomes a row of padding with no target."""
 
     def __init__(self, config: Config, dataset: Dataset) -> None:
         self.seq_len, self.loss_on, self.seed = config.data.seq_len, config.data.loss_on, config.seed
@@ -150,6 +308,8 @@ class BatchMaker:
         targets = torch.full((batch, self.seq_len), IGNORE_INDEX, dtype=torch.long)
         for row, sample in enumerate(samples):
             tokens = np.asarray(sample, dtype=np.int64)
+            if len(tokens) < 2:  # a padding window (past the end of a shorter sample): no input, no target
+                continue
             if self.loss_on == "last" and len(tokens) > self.seq_len + 1:
                 raise ValueError(f"a sample of {len(tokens)} tokens is longer than data.seq_len+1 with "
                                  f"data.loss_on=last: its final token would be cut off; raise data.seq_len")

@@ -131,8 +131,11 @@ class Transformer(nn.Module):
         logits = F.linear(self.final_norm(x), self.embed.weight)  # tied output head
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        flat = targets.reshape(-1)
+        # The mean over the targets there are; a batch without any (only padding windows, pipeline/data.py) has
+        # loss 0 and no gradient, where the built-in mean would make both NaN and stop the run.
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
+                               reduction="sum") / (flat != IGNORE_INDEX).sum().clamp(min=1)
         return logits, loss
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

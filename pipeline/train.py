@@ -27,7 +27,8 @@ import torch
 from pipeline import distributed
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, deep_merge, load_config, to_yaml
-from pipeline.data import BatchMaker, batches_forever, clean_stale_shared_memory, make_loader, open_dataset
+from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
+                           open_dataset, windows_per_sample)
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import evaluate
 from pipeline.metrics import Metrics, Throughput, detect_peak_tflops
@@ -204,8 +205,10 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
     engine, accum = build_engine(model, config, env)
     torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
+    # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
     identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
-                "zero_stage": config.deepspeed.zero_stage}
+                "zero_stage": config.deepspeed.zero_stage,
+                "windows_per_sample": windows_per_sample(dataset, config.data)}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
     clean_stale_shared_memory(env)
     loader = make_loader(dataset, config.data, config.data.train_split, train=True)
@@ -221,11 +224,15 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
         say(f"starting {config.name}: {num_params:,} parameters, {config.model.position} positions, "
             f"{env.world_size} process(es), ZeRO-{config.deepspeed.zero_stage}, {config.deepspeed.precision}, "
             f"{accum} micro-batch(es) of {config.data.micro_batch_size} per process per step")
+    if env.is_main:  # reads only the shards' offset tables
+        say(f"{config.data.train_split}: {count_windows(dataset, config.data, config.data.train_split).describe()}")
 
     metrics = Metrics(folder, env.is_main, config.logging.tensorboard, start_step=step)
     peak = config.logging.peak_tflops or detect_peak_tflops()
     val_loader = make_loader(dataset, config.data, config.data.val_split, train=False) \
         if dataset.has_split(config.data.val_split) else None
+    if val_loader is not None and env.is_main:
+        say(f"{config.data.val_split}: {count_windows(dataset, config.data, config.data.val_split).describe()}")
     batches = batches_forever(loader)
     throughput = Throughput()
     last_loss, last_val = float("nan"), None
