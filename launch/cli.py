@@ -92,7 +92,7 @@ def _lengths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--lengths takes integers separated by commas, e.g. 1024,2048; got {text!r}")
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"--lengths takes positive integers; got {text!r}")
-    return values
+    return sorted(set(values))
 
 
 def cmd_eval_length(args: argparse.Namespace) -> int:

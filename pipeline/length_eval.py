@@ -263,6 +263,8 @@ def evaluate_lengths(runs: Sequence[str | Path], data: str | Path, lengths: Sequ
     read_manifest(data)
     if not lengths or any(L < 1 for L in lengths):
         raise ValueError(f"--lengths must be positive integers; got {','.join(map(str, lengths)) or 'none'}")
+    if max_samples < 0:
+        raise ValueError(f"--max-samples must be 0 (all) or positive; got {max_samples}")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entries = [load_eval_model(run) for run in runs]
     for entry in entries:
