@@ -1,6 +1,7 @@
 """Tokens/s of `pope eval length`'s scoring, PoPE against RoPE, side by side.
 
     python bench/eval_length.py [--sizes tiny,124m] [--lengths 1024,2048] [--max-samples 2] [--repeats 3]
+    python bench/eval_length.py --memory-length 10240      # seconds and peak memory of one 124M PoPE window
 
 For each size, a random-initialised PoPE model and its RoPE twin (identical but for the position encoding) score
 the same random windows of L+1 tokens through `pipeline.length_eval.position_nll`, the function `pope eval length`
@@ -55,6 +56,29 @@ def time_scoring(size: str, length: int, samples: int, repeats: int, device: tor
     return {position: statistics.median(values) for position, values in times.items()}
 
 
+def peak_memory(length: int, device: torch.device) -> str:
+    """One window of `length` targets through the 124M PoPE model: seconds and peak memory (CPU: the process's peak
+    RSS, which includes the model; CUDA: torch's peak allocation)."""
+    import resource
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SIZES["124m"], position="pope")).to(device).eval()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    position_nll(model, torch.randint(0, SIZES["124m"]["vocab_size"], (1, length + 1)))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        return f"124m PoPE, one window of L={length}: {seconds:.1f} s, peak CUDA allocation " \
+               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"124m PoPE, one window of L={length}: {seconds:.1f} s, peak RSS {after:,.0f} MB " \
+           f"({before:,.0f} MB before scoring: the model and the imports)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -68,8 +92,13 @@ def main() -> None:
     parser.add_argument("--tiny-samples", type=int, default=16, help="windows per length for the tiny size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-length", type=int, default=0,
+                        help="instead: time and peak memory of one 124M PoPE window of this length (e.g. 10240)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.memory_length:
+        print(peak_memory(args.memory_length, device))
+        return
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'size':>5} {'L':>6} {'windows':>7} {'PoPE tok/s':>11} {'RoPE tok/s':>11} {'PoPE s':>8} {'RoPE s':>8} "
           f"{'PoPE/RoPE':>9}")

@@ -304,9 +304,11 @@ def write_csvs(out: Path, entries: Sequence[EvalModel], results: Sequence[Length
         for r in results:
             writer.writerow([r.run, r.position, r.step, r.length, r.samples, r.tokens, f"{r.nll:.6f}", f"{r.ppl:.4f}"])
     with open(positions_csv, "w", newline="") as handle:
-        handle.write("\n".join(header + ["# band width: the run's training length data.seq_len unless --band; "
-                                         "nll: mean over the band's targets (positions pos_start..pos_end-1)"])
-                     + "\n")
+        shown = ", ".join(f"{name} {width}" for name, width in widths.items())
+        source = "--band" if band else "each run's data.seq_len"
+        handle.write("\n".join(header + [f"# band width ({source}): "
+                                         f"{shown}; nll: mean over the band's targets (positions "
+                                         "pos_start..pos_end-1)"]) + "\n")
         writer = csv.writer(handle)
         writer.writerow(POSITION_COLUMNS)
         for r in results:
