@@ -78,10 +78,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a run's newest checkpoint, in this process."""
     from pipeline.evaluate import evaluate_run
 
-    result = evaluate_run(args.run, split=args.split, max_batches=args.max_batches)
+    result = evaluate_run(args.run, split=args.split, max_batches=args.max_batches, data=args.data)
     print(f"{args.run}: step {result['step']}, {args.split} loss {result['val/loss']:.4f}, "
           f"ppl {result['val/ppl']:.2f}, accuracy {result['val/accuracy']:.4f} over {int(result['val/tokens']):,} "
           "target tokens")
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lengths takes integers separated by commas, e.g. 1024,2048; got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--lengths takes positive integers; got {text!r}")
+    return sorted(set(values))
+
+
+def cmd_eval_length(args: argparse.Namespace) -> int:
+    """Perplexity against context length for one or more runs (pipeline/length_eval.py)."""
+    from pipeline.length_eval import run_length_eval
+
+    report = run_length_eval(args.runs, args.data, args.lengths, split=args.split, max_samples=args.max_samples,
+                             out=args.out, band=args.band)
+    for r in report["results"]:
+        print(f"{r.run} ({r.position}, step {r.step}): L={r.length}: {r.samples} samples, {r.tokens:,} tokens, "
+              f"nll {r.nll:.4f}, ppl {r.ppl:.2f}")
+    print("wrote " + ", ".join(str(p) for p in report["files"]) + "; figures and scalars in each RUN/tb")
     return 0
 
 
@@ -154,11 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("eval", help="evaluate a run's newest checkpoint")
-    p.add_argument("what", choices=["val"], help="val: loss and perplexity on a split")
+    evals = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = evals.add_parser("val", help="loss and perplexity on a split")
     p.add_argument("run", help="the run folder (run_dir/name)")
     p.add_argument("--split", default="val", help="the dataset split (default val)")
     p.add_argument("--max-batches", type=int, default=0, help="micro-batches to evaluate (default: all)")
+    p.add_argument("--data", default=None,
+                   help="another prepared folder made with the run's tokenizer (default: the run's data.path)")
     p.set_defaults(func=cmd_eval)
+    p = evals.add_parser("length", help="perplexity against context length (CSV, PNG, TensorBoard)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (newest checkpoint) or export folders")
+    p.add_argument("--data", required=True, help="a prepared folder made with the runs' tokenizer")
+    p.add_argument("--lengths", required=True, type=_lengths, help="evaluation lengths, e.g. 1024,2048,4096")
+    p.add_argument("--split", default="val", help="the dataset split (default val)")
+    p.add_argument("--max-samples", type=int, default=0, help="samples per length, in stored order (default: all)")
+    p.add_argument("--out", default="length_eval", help="folder for the CSVs and PNGs (default ./length_eval)")
+    p.add_argument("--band", type=int, default=None,
+                   help="positions per band in positions.csv (default: each run's data.seq_len)")
+    p.set_defaults(func=cmd_eval_length)
 
     p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
     p.add_argument("run", help="the run folder")

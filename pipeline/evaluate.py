@@ -41,14 +41,19 @@ def evaluate(forward: Callable[[torch.Tensor, torch.Tensor], Any], loader: Any, 
             "val/tokens": tokens}
 
 
-def evaluate_run(run: str, split: str = "val", max_batches: int = 0) -> dict[str, float]:
-    """`pope eval val RUN`: the newest checkpoint's loss on a split, in this one process (any world size)."""
+def evaluate_run(run: str, split: str = "val", max_batches: int = 0, data: str | None = None) -> dict[str, float]:
+    """`pope eval val RUN [--data DIR]`: the newest checkpoint's loss on a split of its own dataset or of DIR
+    (another prep folder, refused in one line unless made with the run's tokenizer), in this one process."""
     from pathlib import Path
 
     from pipeline.data import make_loader, open_dataset
     from pipeline.export import build_model, load_run
+    from pipeline.length_eval import check_same_tokenizer
 
     config, state, step = load_run(Path(run))
+    if data is not None:
+        check_same_tokenizer(config.data.path, data, Path(run).name)
+        config.data.path = str(data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config.model, state).to(device).eval()
     dataset = open_dataset(config)

@@ -1,7 +1,8 @@
 """What a run reports: TensorBoard scalars and a JSON-lines log (rank 0 only), throughput and MFU.
 
 TensorBoard tags (kept stable; other tools read them): train/loss, train/lr, train/grad_norm, train/tokens_per_s,
-train/mfu (when the accelerator's peak is known), val/loss, val/ppl. After a resume the writer is opened with
+train/mfu (when the accelerator's peak is known), val/loss, val/ppl; for PoPE runs, at every evaluation,
+delta/layer_NN (each layer's clamped δ as a heads × frequencies heatmap image and as a histogram). After a resume the writer is opened with
 purge_step = the first step to run, so events a killed run logged after its last checkpoint are dropped and the
 curves continue without duplicated steps. `metrics.jsonl` holds every step's loss as written (and its exact
 float.hex()), for scripts and for the resume-exactness test.
@@ -53,6 +54,49 @@ class Metrics:
             record["train/loss_hex"] = float(values["train/loss"]).hex()
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
+
+    def delta_figures(self, step: int, model: torch.nn.Module) -> None:
+        """What PoPE learned: each layer's δ, clamped to [-2π, 0] as the forward pass uses it, as a heatmap image
+        (heads × frequencies, like the paper's appendix C; `delta/layer_NN`) and a histogram (`delta/layer_NN`).
+
+        Every rank must call this: under ZeRO-3 each rank holds a shard of δ, and gathering the full tensors is a
+        collective (deepspeed.zero.GatheredParameters); ZeRO 0-2 hold full parameters and nothing is gathered.
+        Only rank 0 (enabled, with a TensorBoard writer) draws and writes. Runs without PoPE have no δ.
+        """
+        from pipeline.positional import TWO_PI, PoPE
+
+        encodings = [m for m in model.modules() if isinstance(m, PoPE)]
+        if not encodings:
+            return
+        deltas = [m.delta for m in encodings]
+        partitioned = any(hasattr(p, "ds_id") for p in deltas)  # ZeRO-3 marks the parameters it partitions
+        if partitioned:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(deltas, modifier_rank=None):
+                values = [d.detach().float().clamp(-TWO_PI, 0.0).cpu() for d in deltas]
+        else:
+            values = [d.detach().float().clamp(-TWO_PI, 0.0).cpu() for d in deltas]
+        if self.writer is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for layer, value in enumerate(values):
+            tag = f"delta/layer_{layer:02d}"
+            self.writer.add_histogram(tag, value.flatten(), step)
+            heads, freqs = value.shape
+            fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + freqs / 10), 1.2 + 0.3 * heads))
+            image = ax.imshow(value.numpy(), aspect="auto", cmap="viridis", vmin=-TWO_PI, vmax=0.0,
+                              interpolation="nearest")
+            ax.set_xlabel("frequency c (θ_c = base^(-c/d))")
+            ax.set_ylabel("head")
+            ax.set_title(f"δ, layer {layer}, step {step}")
+            fig.colorbar(image, ax=ax, label="δ (rad)")
+            fig.tight_layout()
+            self.writer.add_figure(tag, fig, step)  # closes the figure
 
     def flush(self) -> None:
         if self.writer is not None:

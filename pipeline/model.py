@@ -173,3 +173,24 @@ class Transformer(nn.Module):
         for param in self.parameters():
             (decay if id(param) in decayed else no_decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm outputs (batch, seq, d_model): what the tied output head projects to logits.
+
+        `forward` without the projection, for callers that score long sequences: projecting and log-softmaxing a
+        chunk of positions at a time never holds seq × vocab logits at once (10,240 × 50,257 in fp32 is 2 GB).
+        Kept apart from `forward` on purpose, so neither changes the other.
+        """
+        seq = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(seq, device=tokens.device)
+        if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond what learned absolute positions know "
+                             f"(model.max_seq_len={self.cfg.max_seq_len})")
+        x = self.embed(tokens)
+        if self.learned_positions is not None:
+            x = x + self.learned_positions(positions)
+        x = self.embed_dropout(x)
+        for block in self.blocks:
+            x = block(x, positions)
+        return self.final_norm(x)

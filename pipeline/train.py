@@ -250,6 +250,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
         engine.eval()
         result = evaluate(lambda i, t: engine(i, t), val_loader, make_batch, env, config.eval.max_batches)
         engine.train()
+        metrics.delta_figures(step, engine.module)  # every rank: ZeRO-3 gathers δ collectively
         metrics.scalars(step, {k: result[k] for k in ("val/loss", "val/ppl", "val/accuracy")})
         say(f"step {step}: val loss {result['val/loss']:.4f}, ppl {result['val/ppl']:.2f}, "
             f"accuracy {result['val/accuracy']:.3f}")
