@@ -152,7 +152,7 @@ def test_jsb_run_end_to_end(jsb_run, tmp_path):
     # 300 new tokens past a 64-token prompt: beyond the training length (max_seq_len 256)
     common = ["generate", str(jsb_run), "--temperature", "0", "--max-new-tokens", "300"]
     proc = run_pope(*common, "--out", str(cached))
-    assert "364 sixteenth-note steps" not in proc.stderr and "4 voices" in proc.stderr
+    assert "91 sixteenth-note steps, 4 voices" in proc.stderr  # (64 prompt + 300 new tokens) / 4 voices
     run_pope(*common, "--out", str(uncached), "--no-cache")
     assert cached.read_bytes() == uncached.read_bytes()
     tracks = voices(cached)
@@ -160,8 +160,7 @@ def test_jsb_run_end_to_end(jsb_run, tmp_path):
     assert all(21 <= p <= 108 and d % 120 == 0 and s % 120 == 0 for t in tracks for s, d, p in t)
     midi = mido.MidiFile(str(cached))
     assert sum(any(m.type == "note_on" for m in track) for track in midi.tracks) == 4
-    # the run's end: steps on a 16th grid that cover (64 + 300) / 4 = 91 steps
-    assert max(s + d for t in tracks for s, d, p in t) == 91 * 120
+    assert 64 // 4 * 120 < max(s + d for t in tracks for s, d, p in t) <= 91 * 120
 
 
 def test_jsb_prompts(jsb_run, tmp_path):
@@ -179,7 +178,7 @@ def test_jsb_prompts(jsb_run, tmp_path):
              "--out", str(out))
     soprano = voices(out)[0]
     assert soprano[0] == (0, 16 * 120, 72)
-    assert soprano[1][:2] == (16 * 120, 74) if len(soprano[1]) == 2 else soprano[1][0] == 16 * 120
+    assert soprano[1][0] == 16 * 120 and soprano[1][2] == 74
     # the export of the same run generates the same piece (same weights, seed and tokenizer)
     export = tmp_path / "export"
     run_pope("export", str(jsb_run), "--out", str(export))
