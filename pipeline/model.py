@@ -207,6 +207,8 @@ class Transformer(nn.Module):
             for block in self.blocks:
                 x = block(x, positions)
         else:
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(f"the KV cache has {len(cache.layers)} layers; the model has {len(self.blocks)}")
             for block, layer_cache in zip(self.blocks, cache.layers):
                 x = block(x, positions, layer_cache)
         logits = F.linear(self.final_norm(x), self.embed.weight)  # tied output head
