@@ -132,11 +132,11 @@ def make_export(data: Path, folder: Path, position: str = "pope") -> Path:
 
 @pytest.fixture(scope="module")
 def jsb_run(tiny_root, tmp_path_factory) -> Path:
-    """The tiny JSB PoPE config trained for a few steps through `pope train` (2 processes, ZeRO-2)."""
+    """The tiny JSB PoPE config trained for 6 steps through `pope train` (2 processes, ZeRO-2)."""
     data = build("jsb", tiny_root)
     runs = tmp_path_factory.mktemp("generate_runs")
-    run_pope("train", "tiny/jsb_pope", f"data.path={data}", f"run_dir={runs}", "schedule.max_steps=4",
-             "eval.every=4", "eval.max_batches=1", "checkpoint.every=4")
+    run_pope("train", "tiny/jsb_pope", f"data.path={data}", f"run_dir={runs}", "schedule.max_steps=6",
+             "schedule.warmup_steps=2", "eval.every=6", "eval.max_batches=1", "checkpoint.every=6")
     return runs / "tiny_jsb_pope"
 
 
