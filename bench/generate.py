@@ -54,8 +54,10 @@ def bench_size(size: str, new_tokens: int, uncached_tokens: int) -> None:
     prompt = torch.randint(0, SIZES[size]["vocab_size"], (PROMPT_TOKENS,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     # (cache, new tokens): the cached run at the full length, and both at the uncached length for the speed-up
-    plan = [(True, new_tokens)] + ([(True, uncached_tokens)] if uncached_tokens != new_tokens else [])
-    plan.append((False, uncached_tokens))
+    plan = [(True, new_tokens)]
+    if uncached_tokens:  # 0: the cached runs only
+        plan += [(True, uncached_tokens)] if uncached_tokens != new_tokens else []
+        plan.append((False, uncached_tokens))
     seconds: dict[tuple[str, bool, int], float] = {}
     for cache, count in plan:
         for position in POSITIONS:
@@ -63,7 +65,7 @@ def bench_size(size: str, new_tokens: int, uncached_tokens: int) -> None:
             print(f"{size:5} {position:5} {'cached' if cache else 'uncached':9} {count:5} new tokens "
                   f"{seconds[position, cache, count]:9.2f} s {count / seconds[position, cache, count]:9.1f} tokens/s",
                   flush=True)
-    for position in POSITIONS:
+    for position in POSITIONS if uncached_tokens else ():
         speedup = seconds[position, False, uncached_tokens] / seconds[position, True, uncached_tokens]
         print(f"{size}: {position} cached/uncached speed-up at {uncached_tokens} new tokens: {speedup:.1f}x")
     for cache, count in plan:
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,124m")
     parser.add_argument("--new-tokens", type=int, default=1024, help="new tokens with the cache")
     parser.add_argument("--uncached-tokens", default="tiny=1024,124m=256",
-                        help="new tokens without the cache, per size")
+                        help="new tokens without the cache, per size (0: skip the uncached runs)")
     args = parser.parse_args()
     uncached = parse_counts(args.uncached_tokens)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, greedy, prompt {PROMPT_TOKENS} tokens")
