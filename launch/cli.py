@@ -116,6 +116,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample from a run or an export; text and FASTA to stdout (or --out), music to a .mid file."""
+    from pipeline.generate import Sampling, run_generate
+
+    result = run_generate(args.run, prompt=args.prompt, prompt_file=args.prompt_file,
+                          prompt_sample=args.prompt_sample, prompt_length=args.prompt_length,
+                          max_new_tokens=args.max_new_tokens, out=args.out, use_cache=not args.no_cache,
+                          sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+    rate = result["new_tokens"] / result["seconds"] if result["seconds"] > 0 else float("inf")
+    # On stderr, so that stdout holds only the generated text or FASTA.
+    print(f"pope generate: {result['source']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new "
+          f"tokens in {result['seconds']:.2f} s ({rate:.1f} tokens/s) -> {result['written']}", file=sys.stderr)
+    return 0
+
+
 def cmd_tb(args: argparse.Namespace) -> int:
     """Serve a run's (or a folder of runs') TensorBoard events on 127.0.0.1."""
     import subprocess
@@ -201,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="sample from a run or export: text, FASTA, or a .mid for music")
+    p.add_argument("run", help="a run folder (its newest checkpoint) or a `pope export` folder")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text (text runs) or bases (genome runs) to continue")
+    prompt.add_argument("--prompt-file", default=None,
+                        help="a file to continue: text, FASTA, or a .mid for music runs")
+    prompt.add_argument("--prompt-sample", type=int, default=None, metavar="I",
+                        help="continue the first --prompt-length tokens of sample I of the test (else val) split")
+    p.add_argument("--prompt-length", type=int, default=64,
+                   help="tokens of a sample used as the prompt (default 64; JSB: whole 4-voice steps)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", default=None, help="output file: .mid for music (required), else default stdout")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole sequence every step instead of using the KV cache (for comparisons)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tb", help="start TensorBoard on 127.0.0.1 for a run (or a folder of runs)")
     p.add_argument("run", help="a run folder, or the folder holding several")

@@ -38,6 +38,75 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out[..., :width]
 
 
+class LayerCache:
+    """One attention layer's keys and values of the tokens seen so far, for incremental decoding.
+
+    Keys are stored *after* the position encoding (PoPE: the 2·head_dim-wide Cartesian vectors with the key phase
+    s·θ + δ already applied; RoPE: rotated), so each step encodes only its new tokens. Values are stored zero-padded
+    to the key width, ready for SDPA's flash kernel (see causal_attention). Buffers are preallocated and grow by
+    doubling: concatenating each step would copy the whole cache every token.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (batch, heads, capacity, qk width)
+        self.values: torch.Tensor | None = None  # (batch, heads, capacity, qk width)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (v already padded to k's width); return every cached key and value."""
+        new = k.shape[-2]
+        end = self.length + new
+        if self.keys is None or end > self.keys.shape[-2]:
+            capacity = max(end, 2 * (self.keys.shape[-2] if self.keys is not None else 0), 64)
+            keys = k.new_zeros(*k.shape[:-2], capacity, k.shape[-1])
+            values = v.new_zeros(*v.shape[:-2], capacity, v.shape[-1])
+            if self.keys is not None:
+                keys[..., :self.length, :] = self.keys[..., :self.length, :]
+                values[..., :self.length, :] = self.values[..., :self.length, :]
+            self.keys, self.values = keys, values
+        self.keys[..., self.length:end, :] = k
+        self.values[..., self.length:end, :] = v
+        self.length = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+
+class KVCache:
+    """Every layer's LayerCache; `length` is the number of tokens the model has seen (the next token's position).
+
+    Pass the same KVCache to successive `Transformer.forward(tokens, cache=...)` calls: the first with the prompt,
+    then one token (or more) at a time; positions continue from `length` unless given.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     cache: LayerCache) -> torch.Tensor:
+    """Attention of the new queries to the cached keys plus the new ones (inference only, no dropout).
+
+    With an empty cache this is causal_attention. A single new token sees every key, so no mask at all
+    (is_causal=False). Several new tokens after a cache (a prefill) need an explicit mask: SDPA's is_causal aligns
+    the mask to the top-left corner, which for fewer queries than keys would hide the cache from them.
+    """
+    width = v.shape[-1]
+    past, new = cache.length, q.shape[-2]
+    if q.shape[-1] != width:
+        v = F.pad(v, (0, q.shape[-1] - width))
+    keys, values = cache.append(k, v)
+    if past == 0 or new == 1:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=past == 0 and new > 1, scale=scale)
+    else:
+        # query i sits at position past + i and sees keys 0 .. past + i
+        mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out[..., :width]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -52,12 +121,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = (t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(width, dim=2))
         q, k = self.position(q, k, positions)
-        y = causal_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
+        if cache is None:
+            y = causal_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
+        else:
+            y = cached_attention(q, k, v, self.scale, cache)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.resid_dropout(self.out(y))
 
@@ -81,13 +153,16 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """forward(tokens, targets=None, positions=None) -> (logits, loss or None)."""
+    """forward(tokens, targets=None, positions=None, cache=None) -> (logits, loss or None).
+
+    With a KVCache (pipeline/generate.py), attention reads the keys and values of the tokens seen before and stores
+    the new ones; positions then default to continuing after them."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -113,10 +188,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         seq = tokens.shape[1]
         if positions is None:
-            positions = torch.arange(seq, device=tokens.device)
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + seq, device=tokens.device)
         # PoPE, RoPE and none compute their phases for any position, so they read past model.max_seq_len (length
         # extrapolation); a learned table has no row beyond it.
         if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
@@ -126,8 +203,14 @@ class Transformer(nn.Module):
         if self.learned_positions is not None:
             x = x + self.learned_positions(positions)
         x = self.embed_dropout(x)
-        for block in self.blocks:
-            x = block(x, positions)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, positions)
+        else:
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(f"the KV cache has {len(cache.layers)} layers; the model has {len(self.blocks)}")
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, positions, layer_cache)
         logits = F.linear(self.final_norm(x), self.embed.weight)  # tied output head
         if targets is None:
             return logits, None
