@@ -10,7 +10,8 @@ has checkpoints of its own it resumes from those and never reads the source agai
 Checks, each a one-line ValueError, before anything trains:
 - the new data was prepared with the source's tokenizer (data_prep.contract.check_same_tokenizer);
 - every parameter of the new model has the source's name and shape, the first that differs named with both shapes
-  (d_model, layers, vocabulary, pope's δ against rope, a learned position table of another length);
+  (d_model, layers, vocabulary, pope's δ against rope, a learned position table of another length); buffers are
+  not copied: they derive from this run's config (such as scaled RoPE frequencies), they are not learned;
 - n_heads and position may not change even where no shape does (rope and none have the same parameters; other
   heads cut the same matrices differently). What keeps the meaning of every weight is allowed: max_seq_len (not for
   learned positions), position_base, dropout, the δ initialisation, and keys such as a RoPE scaling.
@@ -73,14 +74,15 @@ def check_fits(source: Source, model: Transformer) -> None:
         raise ValueError(f"{where}: learned positions stop at the source's model.max_seq_len={theirs.max_seq_len}, "
                          f"this run asks for {ours.max_seq_len} (the table has no rows to fine-tune from); use "
                          f"model.max_seq_len={theirs.max_seq_len} or a position encoding that extrapolates")
-    target = model.state_dict()
+    target = dict(model.named_parameters())
+    buffers = {name for name, _ in model.named_buffers()}
     for name, tensor in target.items():
         if name not in source.state:
             raise ValueError(f"{where}: {name} {tuple(tensor.shape)} is absent there ({changed})")
         if source.state[name].shape != tensor.shape:
             raise ValueError(f"{where}: {name} is {tuple(source.state[name].shape)} there, {tuple(tensor.shape)} "
                              f"here ({changed})")
-    extra = [name for name in source.state if name not in target]
+    extra = [name for name in source.state if name not in target and name not in buffers]
     if extra:
         raise ValueError(f"{where}: {extra[0]} {tuple(source.state[extra[0]].shape)} has no place here ({changed})")
     for key in MEANING_KEYS:
@@ -112,9 +114,12 @@ def init_weights(config: Config, model: Transformer) -> dict[str, Any]:
     source = read_source(config.init.from_, config.init.step)
     check_same_tokenizer(source.data_folder, config.data.path, f"init.from {source.path}")
     check_fits(source, model)
+    # Parameters only: buffers are derived from this run's config (e.g. scaled RoPE frequencies), not learned.
+    parameters = dict(model.named_parameters())
     with torch.no_grad():
-        model.load_state_dict(source.state, strict=True)
+        for name, param in parameters.items():
+            param.copy_(source.state[name])
     # Taken from the model after the copy, so it vouches for what the first forward reads; it equals
-    # state_checksum of the source's weights exactly when every tensor arrived bit for bit.
+    # state_checksum of the source's parameters exactly when every one arrived bit for bit.
     return {"from": config.init.from_, "path": str(source.path.resolve()), "kind": source.kind,
-            "step": source.step, "tensors": len(source.state), "checksum": state_checksum(model.state_dict())}
+            "step": source.step, "tensors": len(parameters), "checksum": state_checksum(parameters)}

@@ -91,10 +91,10 @@ class LengthResult:
 def load_eval_model(path: str | Path) -> EvalModel:
     """A run folder (newest intact checkpoint, verified and weights-only loaded) or a `pope export` folder."""
     from pipeline.config import load_config
-    from pipeline.export import build_model, load_exported, load_run
+    from pipeline.export import build_model, is_export, load_exported, load_run
 
     path = Path(path)
-    if (path / "model.json").is_file() and (path / "model.safetensors").is_file():
+    if is_export(path):
         import json
 
         model = load_exported(path)

@@ -18,7 +18,7 @@ from pipeline.model import Transformer
 
 pytestmark = pytest.mark.slow
 
-SOURCE_STEPS = 4
+SOURCE_STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def other_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(text_dataset, tmp_path_factory):
-    """A 4-step PoPE run (ZeRO-2, 2 processes, seq_len 32) and its export."""
+    """An 8-step PoPE run (ZeRO-2, 2 processes, seq_len 32) and its export."""
     root = tmp_path_factory.mktemp("source")
     run_pope(*tiny_train_args(text_dataset, root, "src", "deepspeed.zero_stage=2", f"schedule.max_steps={SOURCE_STEPS}",
                               f"checkpoint.every={SOURCE_STEPS}", "schedule.warmup_steps=2", "eval.every=0"))
@@ -183,34 +183,58 @@ def _marker(run, step):
     return json.loads((run / "checkpoints" / tag_for(step) / MARKER).read_text())
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_fine_tune_trains_from_the_source_and_resumes_from_its_own_checkpoints(source, long_dataset, tmp_path,
-                                                                               stage):
-    run, _ = source
-    expected = state_checksum(source_weights(run))
-    args = fine_tune_args(long_dataset, tmp_path, "ft", run, f"deepspeed.zero_stage={stage}", "schedule.max_steps=6",
+def _first_loss(run):
+    return next(m["train/loss_hex"] for m in metrics(run) if m.get("step") == 1 and "train/loss_hex" in m)
+
+
+@pytest.fixture(scope="module")
+def killed_fine_tune(source, long_dataset, tmp_path_factory):
+    """A ZeRO-2 fine-tune killed after step 3 and resumed with its source moved away: (args, run, killed at)."""
+    src, _ = source
+    root = tmp_path_factory.mktemp("fine_tune")
+    args = fine_tune_args(long_dataset, root, "ft", src, "deepspeed.zero_stage=2", "schedule.max_steps=6",
                           "checkpoint.every=2", "checkpoint.keep_last=5")
-    _kill_after_step(args, tmp_path / "ft", 3)
-    log = (tmp_path / "ft" / "train.log").read_text()
-    assert f"init: weights from {run} step {SOURCE_STEPS} (" in log
-    record = _marker(tmp_path / "ft", 2)["metadata"]["init"]
-    assert record["checksum"] == expected and record["step"] == SOURCE_STEPS and record["path"] == str(run)
-    done = max(int(p.name[4:]) for p in (tmp_path / "ft" / "checkpoints").glob("step*") if (p / MARKER).is_file())
+    _kill_after_step(args, root / "ft", 3)
+    done = max(int(p.name[4:]) for p in (root / "ft" / "checkpoints").glob("step*") if (p / MARKER).is_file())
     assert done < 6, "the fine-tune finished before it was killed"
+    before = (root / "ft" / "train.log").read_text()
     # The source is not read again: moved away, the fine-tune still resumes, from its own checkpoint.
-    moved = run.with_name("src_moved")
-    run.rename(moved)
+    moved = src.with_name("src_moved")
+    src.rename(moved)
     try:
         resumed = run_pope(*args)
     finally:
-        moved.rename(run)
-    assert f"resumed from step {done}" in resumed.stdout and "init:" not in resumed.stdout
-    final = _marker(tmp_path / "ft", 6)
+        moved.rename(src)
+    return args, root / "ft", done, before, resumed.stdout
+
+
+def test_fine_tune_resumes_from_its_own_checkpoints(source, killed_fine_tune):
+    run, _ = source
+    args, ft, done, before, resumed = killed_fine_tune
+    assert f"init: weights from {run} step {SOURCE_STEPS} (16 tensors)" in before
+    record = _marker(ft, 2)["metadata"]["init"]
+    assert record["checksum"] == state_checksum(source_weights(run))  # the model held the source bit for bit
+    assert record["step"] == SOURCE_STEPS and record["path"] == str(run) and record["kind"] == "run"
+    assert f"resumed from step {done}" in resumed and "init:" not in resumed
+    final = _marker(ft, 6)
     assert final["metadata"]["init"] == record and final["identity"]["init"] == {"from": str(run), "step": 0}
-    steps = sorted({m["step"] for m in metrics(tmp_path / "ft") if "train/loss" in m})
-    assert steps == list(range(1, 7))
+    assert sorted({m["step"] for m in metrics(ft) if "train/loss" in m}) == list(range(1, 7))
     # A resume that asks for other weights than its checkpoints started from is refused in one line.
     refused = run_pope(*args, "init.from=elsewhere", "schedule.max_steps=8", check=False)
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"pope: error: cannot resume {tmp_path / 'ft'}: its "
-                                                              f"checkpoints started from {run}")
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"pope: error: cannot resume {ft}: its checkpoints started from {run}, the config now "
+                           "has init.from=elsewhere")
+
+
+def test_zero3_fine_tune_starts_from_the_source_weights(source, long_dataset, killed_fine_tune, tmp_path):
+    """Loaded before ZeRO-3 partitions the model: the first step's loss is ZeRO-2's, bit for bit."""
+    run, _ = source
+    ft2 = killed_fine_tune[1]
+    proc = run_pope(*fine_tune_args(long_dataset, tmp_path, "ft3", run, "deepspeed.zero_stage=3",
+                                    "schedule.max_steps=2", "checkpoint.every=2"))
+    assert f"init: weights from {run} step {SOURCE_STEPS} (16 tensors)" in proc.stdout
+    assert _marker(tmp_path / "ft3", 2)["metadata"]["init"]["checksum"] == state_checksum(source_weights(run))
+    assert _first_loss(tmp_path / "ft3") == _first_loss(ft2)
+    # ... and it starts where the source left off, not from a random model's ln(320) = 5.77.
+    assert float.fromhex(_first_loss(ft2)) < float.fromhex(_first_loss(run)) - 0.05
