@@ -189,10 +189,13 @@ def verify_files(path: Path, names: list[str], listed: dict[str, Any]) -> str | 
 
 
 class Checkpointer:
-    """Saves and finds checkpoints of one run. `identity` is what a resume must match."""
+    """Saves and finds checkpoints of one run. `identity` is what a resume must match; `metadata` is recorded
+    beside it and not checked (where a fine-tune's weights came from); a resume carries the loaded checkpoint's
+    metadata on into its later saves."""
 
     def __init__(self, folder: Path, env: DistEnv, keep_last: int, identity: dict[str, Any]) -> None:
         self.folder, self.env, self.keep_last, self.identity = Path(folder), env, keep_last, identity
+        self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -229,8 +232,8 @@ class Checkpointer:
         shares = distributed.all_gather(mine, self.env)
         if self.env.is_main:
             files = {name: entry for share in shares for name, entry in share.items()}
-            marker = {"step": step, "identity": self.identity, "files": dict(sorted(files.items())),
-                      "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            marker = {"step": step, "identity": self.identity, "metadata": self.metadata,
+                      "files": dict(sorted(files.items())), "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             try:
                 _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
                 _atomic_write(self.folder / LATEST, tag + "\n")
@@ -287,9 +290,13 @@ class Checkpointer:
         for file in sorted((self.folder / tag_for(step)).rglob("*.pt")):
             safe_load.check_file(file)
 
+    def marker(self, step: int) -> dict[str, Any]:
+        """The COMPLETE.json of checkpoint `step`."""
+        return json.loads((self.folder / tag_for(step) / MARKER).read_text())
+
     def check_identity(self, step: int) -> None:
         """Refuse a checkpoint of another model, dataset or world size, naming what differs."""
-        stored = json.loads((self.folder / tag_for(step) / MARKER).read_text())["identity"]
+        stored = self.marker(step)["identity"]
         for key, value in self.identity.items():
             if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))
@@ -334,6 +341,7 @@ class Checkpointer:
                 reasons = [r for r in distributed.all_gather(reason, self.env) if r is not None]
                 if not reasons:
                     set_rng_state(rng)
+                    self.metadata = {**self.marker(step).get("metadata", {}), **self.metadata}
                     return client_state
                 # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
                 # damage. Falling back would train over it and later prune it, so the run stops instead.
@@ -359,6 +367,12 @@ def _mismatch_message(key: str, stored: Any, current: Any, run_dir: Path) -> str
         return (f"cannot resume {run_dir} on {current} processes: it was saved by {stored}, and ZeRO partitions "
                 f"optimizer state per process; run with {stored} processes, or convert the checkpoint with "
                 f"DeepSpeed's universal checkpoint tools")
+    if key == "init":
+        started = f"from {stored['from']}" + (f" step {stored['step']}" if stored.get("step") else "") \
+            if stored else "from random weights"
+        asked = f"init.from={current['from']}" if current else "no init.from"
+        return (f"cannot resume {run_dir}: its checkpoints started {started}, the config now has {asked}; a "
+                f"resumed run continues from its own checkpoints, so set init back, or {hint}")
     if key == "windows_per_sample":
         return (f"cannot resume {run_dir}: its data position counts {stored} window(s) per prepared sample, "
                 f"data.seq_len now cuts {current} (ceil(prepared seq_len / data.seq_len)); set data.seq_len back, "

@@ -114,6 +114,17 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start a new run from another run's weights (pipeline/init_from.py); its optimizer, step and data start fresh.
+
+    The YAML key is `from` (`init.from=runs/owt_124m_pope`); the attribute is `from_`, `from` being a Python keyword.
+    """
+
+    from_: str = field(default="", metadata={"key": "from"})  # a run folder or a `pope export` folder; "": none
+    step: int = 0  # a run folder's checkpoint to start from; 0: its newest intact one
+
+
+@dataclass
 class LaunchConfig:
     nproc: int = 1  # processes on this machine (local launcher), or tasks per node on a CPU cluster
     executor: Literal["slurm", "local"] = "slurm"  # for `pope submit`: SLURM, or submitit's local executor
@@ -153,6 +164,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -218,7 +230,27 @@ def from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """Nested plain data under the YAML keys (`init.from`, not the attribute `from_`): what from_dict reads."""
+    return _plain(config)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {_key(f): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's YAML key: its name, or metadata["key"] where the name cannot be it (`from`, a Python keyword)."""
+    return f.metadata.get("key", f.name)
+
+
+def _fields_by_key(cls: type) -> dict[str, dataclasses.Field]:
+    return {_key(f): f for f in dataclasses.fields(cls)}
 
 
 def to_yaml(config: Config) -> str:
@@ -251,7 +283,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node: Any = data
     cls: Any = Config
     for depth, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        names = _fields_by_key(cls) if dataclasses.is_dataclass(cls) else None
         here = ".".join(parts[: depth + 1])
         if names is not None and part not in names:
             where = ".".join(parts[:depth]) or "the top level"
@@ -260,7 +292,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             node[part] = value
             return
         if names is not None:
-            cls = _hints(cls)[part]
+            cls = _hints(cls)[names[part].name]
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"config key '{here}' is not a section; set it as {here}=value")
             node = node[part]
@@ -277,17 +309,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = _fields_by_key(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in hints:
+        if key not in fields:
             where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys in {where}: {', '.join(names)}")
-        hint = hints[key]
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys in {where}: {', '.join(fields)}")
+        name = fields[key].name
+        hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+            kwargs[name] = _coerce(value, hint, f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -388,6 +421,8 @@ def validate(config: Config) -> None:
     _check(config.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
     _check(config.logging.log_every > 0, "logging.log_every", "must be > 0")
     _check(config.eval.every >= 0 and config.eval.max_batches >= 0, "eval.every", "and eval.max_batches must be >= 0")
+    _check(config.init.step >= 0, "init.step", "must be >= 0 (0: the newest intact checkpoint)")
+    _check(config.init.step == 0 or bool(config.init.from_), "init.step", "needs init.from (the run to start from)")
     _check(config.launch.nproc > 0, "launch.nproc", "must be > 0")
     sl = config.slurm
     _check(sl.nodes > 0 and sl.cpus_per_task > 0 and sl.time > 0, "slurm.nodes",

@@ -48,7 +48,7 @@ def evaluate_run(run: str, split: str = "val", max_batches: int = 0, data: str |
 
     from pipeline.data import make_loader, open_dataset
     from pipeline.export import build_model, load_run
-    from pipeline.length_eval import check_same_tokenizer
+    from data_prep.contract import check_same_tokenizer
 
     config, state, step = load_run(Path(run))
     if data is not None:

@@ -106,10 +106,25 @@ def export(run: str | Path, out: str | Path, step: int | None = None) -> Path:
     return out
 
 
-def load_exported(folder: str | Path) -> Transformer:
-    """The model of an `export` folder, in eval mode."""
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` is a `pope export` folder (rather than a run folder)."""
+    return (Path(folder) / "model.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+
+
+def read_exported(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
+    """(model config, fp32 state dict, step) of an `export` folder; safetensors holds no code to run."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     info = json.loads((folder / "model.json").read_text())
-    return build_model(ModelConfig(**info["model"]), load_file(str(folder / "model.safetensors"))).eval()
+    try:
+        model_config = ModelConfig(**info["model"])
+    except TypeError as err:  # written by a version with other model keys
+        raise ValueError(f"{folder / 'model.json'} does not describe a model of this version: {err}") from None
+    return model_config, load_file(str(folder / "model.safetensors")), int(info.get("step", 0))
+
+
+def load_exported(folder: str | Path) -> Transformer:
+    """The model of an `export` folder, in eval mode."""
+    model_config, state, _ = read_exported(folder)
+    return build_model(model_config, state).eval()

@@ -161,11 +161,11 @@ class Source:
 
 def load_source(path: str | Path, device: torch.device | None = None) -> Source:
     """A run folder (its newest intact checkpoint) or a `pope export` folder → model (fp32, eval) and tokenizer."""
-    from pipeline.export import build_model, load_exported, load_run
+    from pipeline.export import build_model, is_export, load_exported, load_run
 
     path = Path(path)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if (path / "model.json").is_file() and (path / "model.safetensors").is_file():
+    if is_export(path):
         model = load_exported(path)
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import math
 import shlex
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.contract import MANIFEST, TOKENIZER_DIR, read_manifest
+from data_prep.contract import TOKENIZER_DIR, check_same_tokenizer, read_manifest
 from data_prep.mds import TOKENS_COLUMN, import_streaming
 from pipeline.model import Transformer
 
@@ -92,10 +91,10 @@ class LengthResult:
 def load_eval_model(path: str | Path) -> EvalModel:
     """A run folder (newest intact checkpoint, verified and weights-only loaded) or a `pope export` folder."""
     from pipeline.config import load_config
-    from pipeline.export import build_model, load_exported, load_run
+    from pipeline.export import build_model, is_export, load_exported, load_run
 
     path = Path(path)
-    if (path / "model.json").is_file() and (path / "model.safetensors").is_file():
+    if is_export(path):
         import json
 
         model = load_exported(path)
@@ -106,51 +105,6 @@ def load_eval_model(path: str | Path) -> EvalModel:
     model = build_model(config.model, state).eval()
     return EvalModel(path.resolve().name, path, model, config.model.position, step, config.data.seq_len,
                      Path(config.data.path))
-
-
-def tokenizer_identity(folder: str | Path) -> dict[str, Any]:
-    """What makes two prep folders' token ids mean the same: the manifest's tokenizer kind, vocabulary (small fixed
-    ones), vocab_size, special ids, and the sha256 of the tokenizer file (SentencePiece, GPT-2, REMI)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder) if (folder / "DONE").is_file() else _plain_manifest(folder)
-    entry = manifest["tokenizer"]
-    identity: dict[str, Any] = {"kind": entry.get("kind"), "vocab_size": manifest.get("vocab_size"),
-                                "special_ids": manifest.get("special_ids")}
-    if entry.get("vocab") is not None:
-        identity["vocab"] = hashlib.sha256(repr(entry["vocab"]).encode()).hexdigest()[:16]
-    if entry.get("file"):
-        file = folder / TOKENIZER_DIR / entry["file"]
-        if not file.is_file():
-            raise ValueError(f"{file} is missing: the tokenizer of {folder} cannot be compared")
-        identity["file"] = f"{entry['file']} sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:16]}"
-    return identity
-
-
-def _plain_manifest(folder: Path) -> dict[str, Any]:
-    """An export folder's copy of its dataset's manifest (no DONE beside it)."""
-    import json
-
-    if not (folder / MANIFEST).is_file():
-        raise ValueError(f"{folder} has no {MANIFEST}: its tokenizer is unknown (is the run's data.path reachable "
-                         "from here?)")
-    return json.loads((folder / MANIFEST).read_text())
-
-
-def check_same_tokenizer(model_data: str | Path, data: str | Path, what: str) -> None:
-    """Refuse (one line) a data folder whose tokenizer differs from the one `what` was trained with."""
-    if not Path(model_data).is_dir():
-        raise ValueError(f"{what} was trained on {model_data}, which is not reachable from here: its tokenizer "
-                         "cannot be checked (run from the folder you trained in)")
-    ours, theirs = tokenizer_identity(model_data), tokenizer_identity(data)
-    if ours != theirs:
-        differ = [k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)]
-        shown = "; ".join(f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in sorted(differ) if k != "vocab")
-        if "vocab" in differ:
-            shown = (shown + "; " if shown else "") + "vocabularies differ"
-        hint = (f" (pope prep text --tokenizer-model {Path(model_data) / TOKENIZER_DIR / 'spm.model'})"
-                if ours.get("kind") == "sentencepiece" else "")
-        raise ValueError(f"{data} was not prepared with the tokenizer of {what} (data {model_data}): {shown}; "
-                         f"prepare it with that tokenizer{hint}")
 
 
 # ------------------------------------------------------------------------------------------------ samples

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, init_from
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, deep_merge, load_config, to_yaml
 from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
@@ -203,13 +203,18 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     model = Transformer(config.model)
     # Counted before DeepSpeed sees the model: ZeRO-3 partitions the parameters, leaving each rank a shard.
     num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
-    engine, accum = build_engine(model, config, env)
-    torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
     identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
                 "zero_stage": config.deepspeed.zero_stage,
-                "windows_per_sample": windows_per_sample(dataset, config.data)}
+                "windows_per_sample": windows_per_sample(dataset, config.data), "init": init_from.identity(config)}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
+    # init.from only starts a run: one with checkpoints resumes from them (or refuses, never starting over).
+    if config.init.from_ and not checkpoints.complete_steps():
+        record = init_from.init_weights(config, model)  # every rank, before DeepSpeed (ZeRO-3) partitions them
+        checkpoints.metadata["init"] = record
+        say(f"init: weights from {config.init.from_} step {record['step']} ({record['tensors']} tensors)")
+    engine, accum = build_engine(model, config, env)
+    torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     clean_stale_shared_memory(env)
     loader = make_loader(dataset, config.data, config.data.train_split, train=True)
     make_batch = BatchMaker(config, dataset)

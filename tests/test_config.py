@@ -7,10 +7,15 @@ import pytest
 import yaml
 
 from launch.cli import main as pope_main
-from pipeline.config import (CONFIGS_DIR, Config, ConfigError, apply_overrides, from_dict, load_config, to_dict,
-                             to_yaml, validate)
+from pipeline.config import (CONFIGS_DIR, Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config,
+                             to_dict, to_yaml, validate)
 
-SHIPPED = sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if not p.name.startswith("_"))
+# model.rope_scaling (YaRN) arrives with branch enc; until then the config that sets it cannot load.
+HAS_ROPE_SCALING = "rope_scaling" in {f.name for f in dataclasses.fields(ModelConfig)}
+NEEDS_ROPE_SCALING = {"owt_124m_rope_yarn_ft4096.yaml"}
+SHIPPED = [pytest.param(p, marks=pytest.mark.skipif(p.name in NEEDS_ROPE_SCALING and not HAS_ROPE_SCALING,
+                                                    reason="model.rope_scaling is not in this version yet"))
+           for p in sorted(CONFIGS_DIR.rglob("*.yaml")) if not p.name.startswith("_")]
 
 
 def write(tmp_path, name, data):
@@ -118,6 +123,36 @@ def test_paper_configs_match_the_paper_and_twins_differ_only_in_position(experim
     tiny_pope, tiny_rope = load_config(f"tiny/{experiment}_pope"), load_config(f"tiny/{experiment}_rope")
     assert _without_name_and_position(tiny_pope) == _without_name_and_position(tiny_rope)
     assert tiny_pope.deepspeed.precision == "fp32" and tiny_pope.model.pope_delta_init == m.pope_delta_init
+
+
+@pytest.mark.parametrize("base", ["owt_124m_pope", pytest.param("owt_124m_rope_yarn", marks=pytest.mark.skipif(
+    not HAS_ROPE_SCALING, reason="model.rope_scaling is not in this version yet"))])
+def test_length_fine_tune_configs_match_the_paper(base):
+    """PoPE+ft and YaRN: the 1024-token run's weights, 500 steps at 4096, warmup 20, batch 64, LR 6e-5, no decay."""
+    ft = load_config(f"paper/{base}_ft4096")
+    source = load_config(f"paper/{base.removesuffix('_yarn')}")
+    assert ft.init.from_ == f"{source.run_dir}/{source.name}" and ft.init.step == 0
+    s, d = ft.schedule, ft.data
+    assert (d.seq_len, ft.model.max_seq_len, s.max_steps, s.warmup_steps, d.batch_size, ft.optim.lr, s.decay) == \
+        (4096, 4096, 500, 20, 64, 6e-5, "constant")
+    for key in ("d_model", "n_heads", "n_layers", "vocab_size", "position"):  # what init.from needs to match
+        assert getattr(ft.model, key) == getattr(source.model, key), key
+    if base.endswith("yarn"):
+        scaling = to_dict(ft)["model"]["rope_scaling"]
+        assert {k: scaling[k] for k in ("type", "factor", "original_max_seq_len")} == \
+            {"type": "yarn", "factor": 4.0, "original_max_seq_len": 1024}
+
+
+def test_init_from_key_is_from(tmp_path):
+    """`from` is a Python keyword: the YAML key and the override are `init.from`, written back as such."""
+    config = load_config("tiny/owt_124m_pope", ["init.from=runs/x", "init.step=20"])
+    assert (config.init.from_, config.init.step) == ("runs/x", 20)
+    assert yaml.safe_load(to_yaml(config))["init"] == {"from": "runs/x", "step": 20}
+    assert load_config(write(tmp_path, "c.yaml", to_yaml(config))).init == config.init
+    with pytest.raises(ConfigError, match="unknown config key 'init.from_'; valid keys in init: from, step"):
+        load_config("tiny/owt_124m_pope", ["init.from_=runs/x"])
+    with pytest.raises(ConfigError, match="config key 'init.step' needs init.from"):
+        load_config("tiny/owt_124m_pope", ["init.step=3"])
 
 
 def _without_name_and_position(config):
