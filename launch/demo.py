@@ -45,16 +45,18 @@ def change(before: float, after: float) -> str:
     return f"{verb} by {abs(after - before):.3f} nats ({before:.3f} → {after:.3f})"
 
 
-def summary(val: dict[str, float], lengths: Sequence[int], nll: dict[str, dict[int, float]]) -> list[str]:
+def summary(seq_len: int, val: dict[str, float], lengths: Sequence[int],
+            nll: dict[str, dict[int, float]]) -> list[str]:
     """The closing sentences, computed from the measurements (never a scripted claim)."""
     first, last = lengths[0], lengths[-1]
-    lines = [f"From 1× (L={first}) to {last // first}× (L={last}): PoPE's NLL {change(nll['pope'][first], nll['pope'][last])}, "
-             f"RoPE's {change(nll['rope'][first], nll['rope'][last])}."]
+    pope, rope = change(nll["pope"][first], nll["pope"][last]), change(nll["rope"][first], nll["rope"][last])
+    lines = [f"From {first // seq_len}× (L={first}) to {last // seq_len}× (L={last}): PoPE's NLL {pope}, "
+             f"RoPE's {rope}."]
     at_last = nll["pope"][last] - nll["rope"][last]
-    lines.append(f"At {last // first}× the training length PoPE's NLL is {abs(at_last):.3f} nats "
+    lines.append(f"At {last // seq_len}× the training length PoPE's NLL is {abs(at_last):.3f} nats "
                  f"{'lower' if at_last < 0 else 'higher'} than RoPE's.")
     gap = val["pope"] - val["rope"]
-    lines.append(f"In distribution (every {first}-token window of the validation chorales) "
+    lines.append(f"In distribution (every {seq_len}-token window of the validation chorales) "
                  f"{'PoPE' if gap < 0 else 'RoPE'} is better by {abs(gap):.3f} nats "
                  f"(PoPE {val['pope']:.4f}, RoPE {val['rope']:.4f}).")
     return lines
@@ -102,7 +104,7 @@ def run_demo(data_dir: Path, run_dir: Path, steps: int | None = None, fresh: boo
         nll[r.position][r.length] = r.nll
         samples[r.length] = r.samples
     print_table(seq_len, lengths, samples, nll, val)
-    print("\n" + "\n".join(summary(val, lengths, nll)))
+    print("\n" + "\n".join(summary(seq_len, val, lengths, nll)))
     pngs = [str(p) for p in report["files"] if p.suffix == ".png"]
     print(f"\nFigure: {pngs[0]}  (perplexity against L; loss per band of positions: {pngs[1]})")
     print(f"Numbers: {out / 'length.csv'}, {out / 'positions.csv'}")

@@ -27,10 +27,11 @@ def test_demo_prints_the_length_table_and_writes_csv_and_png(tmp_path):
 
     # The printed table is the CSV's numbers, the CSV is the library's (pipeline/length_eval.py) format.
     csv_path = tmp_path / "runs" / "length_eval" / "length.csv"
-    measured = {(row["position"], int(row["L"])): (int(row["samples"]), float(row["nll"])) for row in read_csv(csv_path)}
+    measured = {(row["position"], int(row["L"])): (int(row["samples"]), float(row["nll"]))
+                for row in read_csv(csv_path)}
     for L, _, samples, pope, rope in rows:
-        assert measured[("pope", int(L))] == (int(samples), pytest.approx(float(pope), abs=5e-5))
-        assert measured[("rope", int(L))] == (int(samples), pytest.approx(float(rope), abs=5e-5))
+        assert measured[("pope", int(L))] == (int(samples), pytest.approx(float(pope), abs=1e-4))
+        assert measured[("rope", int(L))] == (int(samples), pytest.approx(float(rope), abs=1e-4))
 
     # The closing sentence is computed from those numbers, not written in advance.
     change = CHANGE.search(out)
