@@ -110,6 +110,7 @@ def cmd_eval_length(args: argparse.Namespace) -> int:
     from pipeline.length_eval import run_length_eval
 
     runs, overrides = split_overrides(args.runs)
+    overrides += args.trailing
     if not runs:
         raise UsageError("pope eval length needs at least one RUN folder before its key=value overrides")
     report = run_length_eval(runs, args.data, args.lengths, split=args.split, max_samples=args.max_samples,
@@ -138,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           prompt_sample=args.prompt_sample, prompt_length=args.prompt_length,
                           max_new_tokens=args.max_new_tokens, out=args.out, use_cache=not args.no_cache,
                           sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
-                          overrides=args.overrides)
+                          overrides=args.overrides + args.trailing)
     rate = result["new_tokens"] / result["seconds"] if result["seconds"] > 0 else float("inf")
     # On stderr, so that stdout holds only the generated text or FASTA.
     print(f"pope generate: {result['source']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new "
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="length_eval", help="folder for the CSVs and PNGs (default ./length_eval)")
     p.add_argument("--band", type=int, default=None,
                    help="positions per band in positions.csv (default: each run's data.seq_len)")
-    p.set_defaults(func=cmd_eval_length)
+    p.set_defaults(func=cmd_eval_length, trailing_overrides=True)
 
     p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
     p.add_argument("run", help="the run folder")
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file: .mid for music (required), else default stdout")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence every step instead of using the KV cache (for comparisons)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, trailing_overrides=True)
 
     p = sub.add_parser("tb", help="start TensorBoard on 127.0.0.1 for a run (or a folder of runs)")
     p.add_argument("run", help="a run folder, or the folder holding several")
@@ -301,8 +302,19 @@ def describe_os_error(err: OSError) -> str | None:
     return f"{words}: {path}"
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that commands marked `trailing_overrides` also take key=value overrides after their
+    options (`pope eval length RUN --data D --lengths 1024 model.rope_scaling.type=yarn`), which argparse alone
+    refuses once the positional arguments have been read."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "trailing_overrides", False) and all(_OVERRIDE.match(e) for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.trailing = extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UsageError, ValueError) as err:

@@ -440,15 +440,20 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
 MODEL_EVAL_OVERRIDES = ("model.rope_scaling.", "model.position_base")
 
 
-def apply_model_overrides(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
-    """A trained model's config with `model.rope_scaling.*=` / `model.position_base=` overrides, validated; any
-    other key is refused (it would change the weights' shapes or meaning)."""
+def check_model_override_keys(overrides: Sequence[str]) -> None:
+    """Refuse, in one line, any override of a trained model other than model.rope_scaling.* and
+    model.position_base (the others would change the weights' shapes or meaning)."""
     for item in overrides:
         key = item.partition("=")[0].strip()
         if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
                    for allowed in MODEL_EVAL_OVERRIDES):
             raise ConfigError(f"override {item!r}: only model.rope_scaling.* and model.position_base can change "
                               "on a trained model")
+
+
+def apply_model_overrides(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """A trained model's config with `model.rope_scaling.*=` / `model.position_base=` overrides, validated."""
+    check_model_override_keys(overrides)
     config = apply_overrides(dataclasses.replace(Config(), model=model), overrides)
     validate_model(config.model)
     return config.model

@@ -292,6 +292,9 @@ def evaluate_lengths(runs: Sequence[str | Path], data: str | Path, lengths: Sequ
                      overrides: Sequence[str] = ()) -> tuple[list[EvalModel], list[LengthResult]]:
     """Every check first (overrides, tokenizers, learned positions, samples long enough), then every run at every
     length. `overrides` (model.rope_scaling.*, model.position_base) apply to every run's model config."""
+    from pipeline.config import check_model_override_keys
+
+    check_model_override_keys(overrides)
     data = Path(data)
     read_manifest(data)
     if not lengths or any(L < 1 for L in lengths):
