@@ -427,7 +427,8 @@ def validate_model(m: ModelConfig) -> None:
         _check(y.factor > 1.0, "model.rope_scaling.factor", f"must be > 1 for yarn (1 changes nothing); got {y.factor}")
         _check(y.original_max_seq_len >= 0, "model.rope_scaling.original_max_seq_len",
                "must be >= 0 (0: model.max_seq_len)")
-        _check(0.0 <= y.alpha < y.beta, "model.rope_scaling.alpha", f"({y.alpha}) must be >= 0 and below beta ({y.beta})")
+        _check(0.0 <= y.alpha < y.beta, "model.rope_scaling.alpha",
+               f"({y.alpha}) must be >= 0 and below beta ({y.beta})")
 
 
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:

@@ -69,8 +69,8 @@ def reference_score(cfg: ModelConfig, layer: CausalSelfAttention, h: int, q: lis
     if kind == "pope":
         mu = {"softplus": lambda x: math.log1p(math.exp(x)), "relu": lambda x: max(x, 0.0),
               "identity": lambda x: x}[cfg.pope_magnitude]
-        delta = ([min(max(float(x), -TWO_PI), 0.0) for x in layer.position.delta[h].detach()] if cfg.pope_delta == "learned"
-                 else [0.0] * d)
+        delta = ([min(max(float(x), -TWO_PI), 0.0) for x in layer.position.delta[h].detach()]
+                 if cfg.pope_delta == "learned" else [0.0] * d)
         return scale * sum(mu(q[c]) * mu(k[c]) * math.cos((ps - pt) * base ** (-c / d) + delta[c]) for c in range(d))
     if kind in ("rope", "rope_half"):
         r = d if kind == "rope" else d // 2
