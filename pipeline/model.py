@@ -148,7 +148,7 @@ class CausalSelfAttention(nn.Module):
         self.position = build_qk_encoding(cfg.position, self.head_dim, cfg.n_heads, cfg.position_base,
                                           cfg.pope_delta_init, magnitude=cfg.pope_magnitude, delta=cfg.pope_delta,
                                           yarn=yarn_of(cfg))
-        self.alibi = self.position if isinstance(self.position, ALiBi) else None
+        self.uses_alibi = isinstance(self.position, ALiBi)  # its bias goes into attention, not into q/k
         # 1/sqrt of the *original* head dim for every encoding, also for PoPE's 2·head_dim-wide q/k.
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.dropout = cfg.dropout
@@ -160,10 +160,10 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(width, dim=2))
         q, k = self.position(q, k, positions)
         if cache is None:
-            bias = self.alibi.bias(positions, positions, q.dtype) if self.alibi is not None else None
+            bias = self.position.bias(positions, positions, q.dtype) if self.uses_alibi else None
             y = causal_attention(q, k, v, self.scale, self.dropout if self.training else 0.0, bias)
         else:
-            y = cached_attention(q, k, v, self.scale, cache, positions, self.alibi)
+            y = cached_attention(q, k, v, self.scale, cache, positions, self.position if self.uses_alibi else None)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.resid_dropout(self.out(y))
 

@@ -102,7 +102,7 @@ class Yarn:
 
     The reference code (jquesnelle/yarn, and HF transformers' YaRN) ramps linearly over the *dimension index*
     between the indices where r = β and r = α, rounded outwards; this follows the paper's ramp, linear in r. The
-    two agree outside the blended band and differ slightly inside it.
+    two give the same frequencies away from the band and slightly different ones in and next to it.
     """
 
     factor: float  # s: the new context is about s × original_len

@@ -212,13 +212,14 @@ def test_alibi_slopes_follow_press_et_al():
     assert ALiBi(1, half=True).slopes().tolist() == [2.0 ** -8]
 
 
-def test_alibi_reads_beyond_max_seq_len_and_keeps_the_fast_path_off_for_others():
+def test_alibi_and_sinusoidal_read_beyond_max_seq_len_and_only_alibi_leaves_the_fast_path():
     torch.manual_seed(0)
     for kind in ("alibi", "sinusoidal"):
         model = Transformer(config(position=kind)).eval()
         logits, _ = model(torch.randint(0, 40, (1, 40)))  # max_seq_len is 16
         assert torch.isfinite(logits).all()
-    assert Transformer(config("rope")).blocks[0].attn.alibi is None  # rope/pope go through is_causal
+    assert not Transformer(config("rope")).blocks[0].attn.uses_alibi  # rope/pope go through is_causal
+    assert Transformer(config(position="alibi_half")).blocks[0].attn.uses_alibi
 
 
 # ------------------------------------------------------------------------------------------ sinusoidal
