@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 
 from pipeline.config import ConfigError
@@ -95,15 +96,29 @@ def _lengths(text: str) -> list[int]:
     return sorted(set(values))
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # section.key=value; a path with a '/' before its '=' is not one
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """RUN arguments and trailing `key=value` overrides, given in one list (argparse cannot tell them apart)."""
+    overrides = [item for item in items if _OVERRIDE.match(item)]
+    return [item for item in items if not _OVERRIDE.match(item)], overrides
+
+
 def cmd_eval_length(args: argparse.Namespace) -> int:
     """Perplexity against context length for one or more runs (pipeline/length_eval.py)."""
     from pipeline.length_eval import run_length_eval
 
-    report = run_length_eval(args.runs, args.data, args.lengths, split=args.split, max_samples=args.max_samples,
-                             out=args.out, band=args.band)
+    runs, overrides = split_overrides(args.runs)
+    overrides += args.trailing
+    if not runs:
+        raise UsageError("pope eval length needs at least one RUN folder before its key=value overrides")
+    report = run_length_eval(runs, args.data, args.lengths, split=args.split, max_samples=args.max_samples,
+                             out=args.out, band=args.band, overrides=overrides)
     for r in report["results"]:
-        print(f"{r.run} ({r.position}, step {r.step}): L={r.length}: {r.samples} samples, {r.tokens:,} tokens, "
-              f"nll {r.nll:.4f}, ppl {r.ppl:.2f}")
+        scaling = "" if r.scaling == "none" else f", {r.scaling}"
+        print(f"{r.run} ({r.position}{scaling}, step {r.step}): L={r.length}: {r.samples} samples, "
+              f"{r.tokens:,} tokens, nll {r.nll:.4f}, ppl {r.ppl:.2f}")
     print("wrote " + ", ".join(str(p) for p in report["files"]) + "; figures and scalars in each RUN/tb")
     return 0
 
@@ -123,7 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = run_generate(args.run, prompt=args.prompt, prompt_file=args.prompt_file,
                           prompt_sample=args.prompt_sample, prompt_length=args.prompt_length,
                           max_new_tokens=args.max_new_tokens, out=args.out, use_cache=not args.no_cache,
-                          sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+                          sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+                          overrides=args.overrides + args.trailing)
     rate = result["new_tokens"] / result["seconds"] if result["seconds"] > 0 else float("inf")
     # On stderr, so that stdout holds only the generated text or FASTA.
     print(f"pope generate: {result['source']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new "
@@ -201,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another prepared folder made with the run's tokenizer (default: the run's data.path)")
     p.set_defaults(func=cmd_eval)
     p = evals.add_parser("length", help="perplexity against context length (CSV, PNG, TensorBoard)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (newest checkpoint) or export folders")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders (newest checkpoint) or export folders, then optional key=value overrides for "
+                        "every run's model: model.rope_scaling.* (YaRN) and model.position_base only")
     p.add_argument("--data", required=True, help="a prepared folder made with the runs' tokenizer")
     p.add_argument("--lengths", required=True, type=_lengths, help="evaluation lengths, e.g. 1024,2048,4096")
     p.add_argument("--split", default="val", help="the dataset split (default val)")
@@ -209,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="length_eval", help="folder for the CSVs and PNGs (default ./length_eval)")
     p.add_argument("--band", type=int, default=None,
                    help="positions per band in positions.csv (default: each run's data.seq_len)")
-    p.set_defaults(func=cmd_eval_length)
+    p.set_defaults(func=cmd_eval_length, trailing_overrides=True)
 
     p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
     p.add_argument("run", help="the run folder")
@@ -219,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample from a run or export: text, FASTA, or a .mid for music")
     p.add_argument("run", help="a run folder (its newest checkpoint) or a `pope export` folder")
+    p.add_argument("overrides", nargs="*", metavar="model.key=value",
+                   help="model.rope_scaling.* (YaRN) and model.position_base overrides of the trained model")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text (text runs) or bases (genome runs) to continue")
     prompt.add_argument("--prompt-file", default=None,
@@ -235,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file: .mid for music (required), else default stdout")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence every step instead of using the KV cache (for comparisons)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, trailing_overrides=True)
 
     p = sub.add_parser("tb", help="start TensorBoard on 127.0.0.1 for a run (or a folder of runs)")
     p.add_argument("run", help="a run folder, or the folder holding several")
@@ -282,8 +302,19 @@ def describe_os_error(err: OSError) -> str | None:
     return f"{words}: {path}"
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that commands marked `trailing_overrides` also take key=value overrides after their
+    options (`pope eval length RUN --data D --lengths 1024 model.rope_scaling.type=yarn`), which argparse alone
+    refuses once the positional arguments have been read."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "trailing_overrides", False) and all(_OVERRIDE.match(e) for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.trailing = extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UsageError, ValueError) as err:

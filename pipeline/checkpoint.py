@@ -24,6 +24,7 @@ them, or `--adopt-checkpoints` to mark them complete as they are and resume from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed, safe_load
+from pipeline.config import model_config_from_dict
 from pipeline.distributed import DistEnv
 
 MARKER = "COMPLETE.json"
@@ -297,6 +299,9 @@ class Checkpointer:
     def check_identity(self, step: int) -> None:
         """Refuse a checkpoint of another model, dataset or world size, naming what differs."""
         stored = self.marker(step)["identity"]
+        if isinstance(stored.get("model"), dict):
+            # Model keys added since the checkpoint was written take their defaults, which is what it trained with.
+            stored["model"] = dataclasses.asdict(model_config_from_dict(stored["model"]))
         for key, value in self.identity.items():
             if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))

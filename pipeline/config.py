@@ -29,6 +29,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """YaRN on RoPE frequencies (Peng et al. 2023, arXiv 2309.00071; pipeline/positional.py `Yarn` has the
+    formulas): rope and rope_half only. Changes no parameter shape, so `pope eval length` can set it on a trained
+    RoPE run (`model.rope_scaling.type=yarn model.rope_scaling.factor=8`)."""
+
+    type: Literal["none", "yarn"] = "none"
+    factor: float = 1.0  # s: the context is extended about s times (> 1 for yarn)
+    original_max_seq_len: int = 0  # L: the context the model was trained at; 0: model.max_seq_len
+    alpha: float = 1.0  # frequencies rotating fewer than α times in L are interpolated by s
+    beta: float = 32.0  # those rotating more than β times are kept
+
+
+@dataclass
 class ModelConfig:
     """The decoder-only transformer (pipeline/model.py)."""
 
@@ -40,9 +53,14 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in the linear layers
     mlp_ratio: int = 4
-    position: Literal["pope", "rope", "none", "learned"] = "pope"
-    position_base: float = 10000.0  # base wavelength of PoPE and RoPE frequencies
+    # pope | rope | rope_half (rotary on half of each head's channels) | alibi | alibi_half (ALiBi on half the
+    # heads) | sinusoidal (fixed, added to the embeddings) | learned (GPT-2 table) | none (causal mask only)
+    position: Literal["pope", "rope", "rope_half", "alibi", "alibi_half", "sinusoidal", "learned", "none"] = "pope"
+    position_base: float = 10000.0  # base wavelength of PoPE, RoPE and sinusoidal frequencies
     pope_delta_init: Literal["zero", "uniform"] = "zero"  # PoPE's key phase bias δ: 0, or U(-2π, 0)
+    pope_magnitude: Literal["softplus", "relu", "identity"] = "softplus"  # PoPE's μ(x); the others are ablations
+    pope_delta: Literal["learned", "none"] = "learned"  # none: no δ parameter, key phase s·θ (ablation)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -391,14 +409,7 @@ def _as_number(value: Any) -> float | int | None:
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     m, d = config.model, config.data
-    _check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the dataset)")
-    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "mlp_ratio"):
-        _check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
-    _check(m.d_model % m.n_heads == 0, "model.d_model", f"({m.d_model}) must be divisible by n_heads ({m.n_heads})")
-    head_dim = m.d_model // m.n_heads
-    _check(m.position != "rope" or head_dim % 2 == 0, "model.position", f"rope needs an even head dim, got {head_dim}")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    _check(m.position_base > 1.0, "model.position_base", "must be > 1")
+    validate_model(m)
     _check(d.seq_len > 0, "data.seq_len", "must be > 0")
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     _check(d.batch_size > 0 and d.micro_batch_size > 0, "data.batch_size", "and micro_batch_size must be > 0")
@@ -430,6 +441,58 @@ def validate(config: Config) -> None:
     _check(sl.gpus_per_node >= 0 and sl.max_requeues >= 0, "slurm.gpus_per_node", "and max_requeues must be >= 0")
     _check(0 <= sl.signal_minutes * 60 < sl.time * 60, "slurm.signal_minutes", "must be >= 0 and below slurm.time")
     _check_name(config.name)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section's cross-field checks (also run on `pope eval length` overrides of a trained model)."""
+    _check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the dataset)")
+    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "mlp_ratio"):
+        _check(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+    _check(m.d_model % m.n_heads == 0, "model.d_model", f"({m.d_model}) must be divisible by n_heads ({m.n_heads})")
+    head_dim = m.d_model // m.n_heads
+    _check(m.position != "rope" or head_dim % 2 == 0, "model.position", f"rope needs an even head dim, got {head_dim}")
+    _check(m.position != "rope_half" or head_dim % 4 == 0, "model.position",
+           f"rope_half rotates head_dim/2 channels in pairs, so head dim must be divisible by 4; got {head_dim}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(m.position_base > 1.0, "model.position_base", "must be > 1")
+    y = m.rope_scaling
+    if y.type == "yarn":
+        _check(m.position in ("rope", "rope_half"), "model.rope_scaling.type",
+               f"yarn scales RoPE frequencies; model.position={m.position} has none (use rope or rope_half)")
+        _check(y.factor > 1.0, "model.rope_scaling.factor", f"must be > 1 for yarn (1 changes nothing); got {y.factor}")
+        _check(y.original_max_seq_len >= 0, "model.rope_scaling.original_max_seq_len",
+               "must be >= 0 (0: model.max_seq_len)")
+        _check(0.0 <= y.alpha < y.beta, "model.rope_scaling.alpha",
+               f"({y.alpha}) must be >= 0 and below beta ({y.beta})")
+
+
+def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """A ModelConfig from plain data (a checkpoint's or export's record), type-checked; keys that an older version
+    did not write (pope_magnitude, pope_delta, rope_scaling, ...) take their defaults, which is what it ran."""
+    return _build(ModelConfig, data, prefix="model.")
+
+
+# Keys `pope eval length` and `pope generate` may change on a trained model: none changes a parameter's shape.
+MODEL_EVAL_OVERRIDES = ("model.rope_scaling.", "model.position_base")
+
+
+def check_model_override_keys(overrides: Sequence[str]) -> None:
+    """Refuse, in one line, any override of a trained model other than model.rope_scaling.* and
+    model.position_base (the others would change the weights' shapes or meaning)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                   for allowed in MODEL_EVAL_OVERRIDES):
+            raise ConfigError(f"override {item!r}: only model.rope_scaling.* and model.position_base can change "
+                              "on a trained model")
+
+
+def apply_model_overrides(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """A trained model's config with `model.rope_scaling.*=` / `model.position_base=` overrides, validated."""
+    check_model_override_keys(overrides)
+    config = apply_overrides(dataclasses.replace(Config(), model=model), overrides)
+    validate_model(config.model)
+    return config.model
 
 
 def _check_name(name: str) -> None:

@@ -18,14 +18,14 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from data_prep.contract import MANIFEST, TOKENIZER_DIR
 from pipeline import safe_load
 from pipeline.checkpoint import MARKER, Checkpointer, tag_for
-from pipeline.config import Config, ModelConfig, load_config
+from pipeline.config import Config, ModelConfig, apply_model_overrides, load_config, model_config_from_dict
 from pipeline.distributed import DistEnv
 from pipeline.model import Transformer
 
@@ -73,7 +73,7 @@ def load_run(run: str | Path, step: int | None = None) -> tuple[Config, dict[str
     state = {name: tensor.float() for name, tensor in state.items()}
     identity = json.loads((folder / MARKER).read_text())["identity"]
     if "model" in identity:
-        config.model = ModelConfig(**identity["model"])  # the vocab size the run resolved from its data
+        config.model = model_config_from_dict(identity["model"])  # the vocab size the run resolved from its data
     return config, state, step
 
 
@@ -117,14 +117,11 @@ def read_exported(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
     folder = Path(folder)
     info = json.loads((folder / "model.json").read_text())
-    try:
-        model_config = ModelConfig(**info["model"])
-    except TypeError as err:  # written by a version with other model keys
-        raise ValueError(f"{folder / 'model.json'} does not describe a model of this version: {err}") from None
+    model_config = model_config_from_dict(info["model"])
     return model_config, load_file(str(folder / "model.safetensors")), int(info.get("step", 0))
 
 
-def load_exported(folder: str | Path) -> Transformer:
-    """The model of an `export` folder, in eval mode."""
+def load_exported(folder: str | Path, overrides: Sequence[str] = ()) -> Transformer:
+    """The model of an `export` folder, in eval mode; `overrides` as for `apply_model_overrides` (YaRN, base)."""
     model_config, state, _ = read_exported(folder)
-    return build_model(model_config, state).eval()
+    return build_model(apply_model_overrides(model_config, overrides), state).eval()

@@ -159,14 +159,16 @@ class Source:
         return str(self.manifest["corpus"])
 
 
-def load_source(path: str | Path, device: torch.device | None = None) -> Source:
-    """A run folder (its newest intact checkpoint) or a `pope export` folder → model (fp32, eval) and tokenizer."""
+def load_source(path: str | Path, device: torch.device | None = None, overrides: Sequence[str] = ()) -> Source:
+    """A run folder (its newest intact checkpoint) or a `pope export` folder → model (fp32, eval) and tokenizer;
+    `overrides` (model.rope_scaling.*, model.position_base) change the model's config, not its weights."""
+    from pipeline.config import apply_model_overrides
     from pipeline.export import build_model, is_export, load_exported, load_run
 
     path = Path(path)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if is_export(path):
-        model = load_exported(path)
+        model = load_exported(path, overrides)
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise ValueError(f"{path} has no {MANIFEST}: export it again with this version of `pope export`")
@@ -179,7 +181,7 @@ def load_source(path: str | Path, device: torch.device | None = None) -> Source:
         label = f"{path} (step {info.get('step')})"
     elif (path / "config.yaml").is_file():
         config, state, step = load_run(path)
-        model = build_model(config.model, state).eval()
+        model = build_model(apply_model_overrides(config.model, overrides), state).eval()
         data = config.data.path
         manifest = read_manifest(data)
         tokenizer = load_tokenizer(data)
@@ -187,6 +189,8 @@ def load_source(path: str | Path, device: torch.device | None = None) -> Source:
     else:
         raise ValueError(f"{path} is neither a run folder (config.yaml, checkpoints/) nor a `pope export` folder "
                          "(model.json, model.safetensors)")
+    if overrides:
+        label += " with " + " ".join(overrides)
     data_path = Path(data) if data and Path(data).is_dir() else None
     return Source(model.float().to(device), tokenizer, manifest, data_path, label)
 
@@ -411,14 +415,14 @@ def write_output(source: Source, ids: Sequence[int], out: str | None, seed: int)
 def run_generate(path: str, *, prompt: str | None = None, prompt_file: str | None = None,
                  prompt_sample: int | None = None, prompt_length: int = DEFAULT_PROMPT_LENGTH,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(), out: str | None = None,
-                 use_cache: bool = True) -> dict[str, Any]:
+                 use_cache: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """`pope generate`: load, build the prompt, generate, write. Returns counts and timing for the CLI to print."""
     sampling.check()
     if sum(x is not None for x in (prompt, prompt_file, prompt_sample)) > 1:
         raise ValueError("give at most one of --prompt, --prompt-file, --prompt-sample")
     if prompt_file is not None and not Path(prompt_file).is_file():
         raise ValueError(f"the prompt file {prompt_file} does not exist")
-    source = load_source(path)
+    source = load_source(path, overrides=overrides)
     check_out(source.corpus, out)
     if prompt_sample is not None:
         ids = sample_prompt(source, prompt_sample, prompt_length)

@@ -30,7 +30,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.model import Transformer
 
 # Model keys whose change leaves every shape alone but gives the weights another meaning.
-MEANING_KEYS = ("n_heads", "position")
+MEANING_KEYS = ("n_heads", "position", "pope_magnitude")
 
 
 @dataclasses.dataclass

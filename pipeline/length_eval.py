@@ -33,7 +33,7 @@ PROTOCOL = ("for each length L, every sample of the split that holds at least L+
             "order, up to N samples, contributes its first L+1 tokens; the model reads positions 0..L-1 in one "
             "forward pass and all L targets are scored; NLL is the token-weighted mean over those targets and "
             "ppl = exp(NLL)")
-LENGTH_COLUMNS = ("run", "position", "step", "L", "samples", "tokens", "nll", "ppl")
+LENGTH_COLUMNS = ("run", "position", "scaling", "step", "L", "samples", "tokens", "nll", "ppl")
 POSITION_COLUMNS = ("run", "L", "pos_start", "pos_end", "tokens", "nll")
 DEFAULT_BATCH_TOKENS = 16384  # positions per forward pass (batch = max(1, this // L)): one 10,240 window at a time
 DEFAULT_CHUNK_ROWS = 2048  # positions projected to logits at once: 2048 × 50,257 fp32 = 0.4 GB
@@ -43,13 +43,20 @@ DEFAULT_CHUNK_ROWS = 2048  # positions projected to logits at once: 2048 × 50,2
 class EvalModel:
     """A model to evaluate and what the protocol needs to know about it."""
 
-    name: str  # the run (or export) folder's name, as the CSVs and plots show it
+    name: str  # the run (or export) folder's name, plus what overrides changed (`owt_rope+yarn8`), as shown
     folder: Path  # RUN (or the export folder); its tb/ gets the figures and scalars
     model: Transformer
-    position: str  # model.position: pope, rope, none, learned
+    position: str  # model.position: pope, rope, rope_half, alibi, alibi_half, sinusoidal, learned, none
     step: int
     train_len: int  # data.seq_len the run trained at
     data_folder: Path  # where its tokenizer is recorded: the run's dataset, or the export folder itself
+    scaling: str = "none"  # the RoPE scaling evaluated with: none, or yarn(s=8,L=1024,a=1,b=32)
+    variant: str = ""  # what overrides changed, '' or e.g. '+yarn8' (also the end of `name`)
+
+    @property
+    def tag(self) -> str:
+        """The TensorBoard tag prefix: plain and YaRN evaluations of one run must not overwrite each other."""
+        return "length_eval" + self.variant.replace("+", "_")
 
 
 @dataclasses.dataclass
@@ -58,6 +65,7 @@ class LengthResult:
 
     run: str
     position: str
+    scaling: str
     step: int
     length: int
     samples: int
@@ -88,23 +96,47 @@ class LengthResult:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_eval_model(path: str | Path) -> EvalModel:
-    """A run folder (newest intact checkpoint, verified and weights-only loaded) or a `pope export` folder."""
-    from pipeline.config import load_config
+def load_eval_model(path: str | Path, overrides: Sequence[str] = ()) -> EvalModel:
+    """A run folder (newest intact checkpoint, verified and weights-only loaded) or a `pope export` folder, with
+    `overrides` (model.rope_scaling.*, model.position_base) applied to its model config."""
+    from pipeline.config import apply_model_overrides, load_config
     from pipeline.export import build_model, is_export, load_exported, load_run
 
     path = Path(path)
     if is_export(path):
         import json
 
-        model = load_exported(path)
+        model = load_exported(path, overrides)
         config = load_config(path / "config.yaml")
         step = int(json.loads((path / "model.json").read_text()).get("step", 0))
-        return EvalModel(path.resolve().name, path, model, model.cfg.position, step, config.data.seq_len, path)
-    config, state, step = load_run(path)
-    model = build_model(config.model, state).eval()
-    return EvalModel(path.resolve().name, path, model, config.model.position, step, config.data.seq_len,
-                     Path(config.data.path))
+        trained, data_folder = config.model, path
+    else:
+        config, state, step = load_run(path)
+        model = build_model(apply_model_overrides(config.model, overrides), state).eval()
+        trained, data_folder = config.model, Path(config.data.path)
+    cfg, variant = model.cfg, variant_suffix(trained, model.cfg)
+    return EvalModel(path.resolve().name + variant, path, model, cfg.position, step, config.data.seq_len,
+                     data_folder, scaling_label(cfg), variant)
+
+
+def scaling_label(cfg: Any) -> str:
+    """`none`, or the YaRN settings a model runs with, e.g. yarn(s=8,L=1024,a=1,b=32)."""
+    y = cfg.rope_scaling
+    if y.type == "none":
+        return "none"
+    return (f"{y.type}(s={y.factor:g},L={y.original_max_seq_len or cfg.max_seq_len},a={y.alpha:g},"
+            f"b={y.beta:g})")
+
+
+def variant_suffix(trained: Any, evaluated: Any) -> str:
+    """What overrides changed, for the run's label: '' when nothing, else e.g. '+yarn8' or '+base500000'."""
+    suffix = ""
+    if evaluated.rope_scaling != trained.rope_scaling:
+        y = evaluated.rope_scaling
+        suffix += f"+{y.type}{y.factor:g}" if y.type != "none" else "+noscaling"
+    if evaluated.position_base != trained.position_base:
+        suffix += f"+base{evaluated.position_base:g}"
+    return suffix
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -196,7 +228,7 @@ def measure(entry: EvalModel, split_dir: Path, indices: Sequence[int], length: i
     sums = np.zeros(length, dtype=np.float64)
     for batch in windows(split_dir, indices, length, max(1, batch_tokens // length)):
         sums += position_nll(entry.model, batch, chunk_rows).double().sum(dim=0).cpu().numpy()
-    return LengthResult(entry.name, entry.position, entry.step, length, len(indices), sums)
+    return LengthResult(entry.name, entry.position, entry.scaling, entry.step, length, len(indices), sums)
 
 
 def check_lengths(entry: EvalModel, lengths: Sequence[int]) -> None:
@@ -206,13 +238,17 @@ def check_lengths(entry: EvalModel, lengths: Sequence[int]) -> None:
         if beyond:
             raise ValueError(f"{entry.name} uses learned absolute positions, which stop at model.max_seq_len="
                              f"{entry.model.cfg.max_seq_len}; L={','.join(map(str, beyond))} would need positions "
-                             "it never learned (drop them, or compare pope/rope/none runs)")
+                             "it never learned (drop them; every other encoding reads any position)")
 
 
 def evaluate_lengths(runs: Sequence[str | Path], data: str | Path, lengths: Sequence[int], split: str = "val",
-                     max_samples: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                     device: str | None = None) -> tuple[list[EvalModel], list[LengthResult]]:
-    """Every check first (tokenizers, learned positions, samples long enough), then every run at every length."""
+                     max_samples: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str | None = None,
+                     overrides: Sequence[str] = ()) -> tuple[list[EvalModel], list[LengthResult]]:
+    """Every check first (overrides, tokenizers, learned positions, samples long enough), then every run at every
+    length. `overrides` (model.rope_scaling.*, model.position_base) apply to every run's model config."""
+    from pipeline.config import check_model_override_keys
+
+    check_model_override_keys(overrides)
     data = Path(data)
     read_manifest(data)
     if not lengths or any(L < 1 for L in lengths):
@@ -220,7 +256,7 @@ def evaluate_lengths(runs: Sequence[str | Path], data: str | Path, lengths: Sequ
     if max_samples < 0:
         raise ValueError(f"--max-samples must be 0 (all) or positive; got {max_samples}")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    entries = [load_eval_model(run) for run in runs]
+    entries = [load_eval_model(run, overrides) for run in runs]
     for entry in entries:
         check_same_tokenizer(entry.data_folder, data, entry.name)
         check_lengths(entry, lengths)
@@ -256,7 +292,8 @@ def write_csvs(out: Path, entries: Sequence[EvalModel], results: Sequence[Length
         writer = csv.writer(handle)
         writer.writerow(LENGTH_COLUMNS)
         for r in results:
-            writer.writerow([r.run, r.position, r.step, r.length, r.samples, r.tokens, f"{r.nll:.6f}", f"{r.ppl:.4f}"])
+            writer.writerow([r.run, r.position, r.scaling, r.step, r.length, r.samples, r.tokens, f"{r.nll:.6f}",
+                             f"{r.ppl:.4f}"])
     with open(positions_csv, "w", newline="") as handle:
         shown = ", ".join(f"{name} {width}" for name, width in widths.items())
         source = "--band" if band else "each run's data.seq_len"
@@ -290,7 +327,7 @@ def plot_figures(entries: Sequence[EvalModel], results: Sequence[LengthResult], 
     for entry in entries:
         own = sorted((r for r in results if r.run == entry.name), key=lambda r: r.length)
         line, = ax.plot([r.length for r in own], [r.ppl for r in own], marker="o",
-                        label=f"{entry.name} ({entry.position})")
+                        label=f"{entry.name} ({_described(entry)})")
         ax.axvline(entry.train_len, color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -307,7 +344,7 @@ def plot_figures(entries: Sequence[EvalModel], results: Sequence[LengthResult], 
         longest = max((r for r in results if r.run == entry.name), key=lambda r: r.length)
         bands = longest.bands(band or entry.train_len)
         line, = ax.plot([(s + e) / 2 for s, e, _, _ in bands], [nll for *_, nll in bands], marker="o",
-                        label=f"{entry.name} ({entry.position}), L={longest.length}")
+                        label=f"{entry.name} ({_described(entry)}), L={longest.length}")
         ax.axvline(entry.train_len, color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xlabel("position (band centre); dashed: training length")
     ax.set_ylabel("NLL per target (nats)")
@@ -317,6 +354,10 @@ def plot_figures(entries: Sequence[EvalModel], results: Sequence[LengthResult], 
     fig.tight_layout()
     figures["nll_per_position"] = fig
     return figures
+
+
+def _described(entry: EvalModel) -> str:
+    return entry.position if entry.scaling == "none" else f"{entry.position}, {entry.scaling}"
 
 
 def save_figures(figures: dict[str, Any], out: Path) -> list[Path]:
@@ -337,21 +378,21 @@ def log_tensorboard(entries: Sequence[EvalModel], results: Sequence[LengthResult
         writer = SummaryWriter(log_dir=str(entry.folder / "tb"))
         try:
             for r in (r for r in results if r.run == entry.name):
-                writer.add_scalar(f"length_eval/nll_L{r.length}", r.nll, entry.step)
-                writer.add_scalar(f"length_eval/ppl_L{r.length}", r.ppl, entry.step)
+                writer.add_scalar(f"{entry.tag}/nll_L{r.length}", r.nll, entry.step)
+                writer.add_scalar(f"{entry.tag}/ppl_L{r.length}", r.ppl, entry.step)
             for name, fig in figures.items():
-                writer.add_figure(f"length_eval/{name}", fig, entry.step, close=False)
+                writer.add_figure(f"{entry.tag}/{name}", fig, entry.step, close=False)
         finally:
             writer.close()
 
 
 def run_length_eval(runs: Sequence[str | Path], data: str | Path, lengths: Sequence[int], split: str = "val",
                     max_samples: int = 0, out: str | Path = "length_eval", band: int | None = None,
-                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, Any]:
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """`pope eval length`: measure, write length.csv, positions.csv and the PNGs to `out`, log to each RUN/tb."""
     if band is not None and band < 1:
         raise ValueError(f"--band must be a positive number of positions; got {band}")
-    entries, results = evaluate_lengths(runs, data, lengths, split, max_samples, batch_tokens)
+    entries, results = evaluate_lengths(runs, data, lengths, split, max_samples, batch_tokens, overrides=overrides)
     out = Path(out)
     length_csv, positions_csv = write_csvs(out, entries, results, Path(data), split, max_samples, band)
     figures = plot_figures(entries, results, band)

@@ -61,11 +61,12 @@ class Metrics:
 
         Every rank must call this: under ZeRO-3 each rank holds a shard of δ, and gathering the full tensors is a
         collective (deepspeed.zero.GatheredParameters); ZeRO 0-2 hold full parameters and nothing is gathered.
-        Only rank 0 (enabled, with a TensorBoard writer) draws and writes. Runs without PoPE have no δ.
+        Only rank 0 (enabled, with a TensorBoard writer) draws and writes. Runs without PoPE, or with
+        model.pope_delta=none, have no δ.
         """
         from pipeline.positional import TWO_PI, PoPE
 
-        encodings = [m for m in model.modules() if isinstance(m, PoPE)]
+        encodings = [m for m in model.modules() if isinstance(m, PoPE) and m.delta is not None]
         if not encodings:
             return
         deltas = [m.delta for m in encodings]

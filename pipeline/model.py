@@ -1,4 +1,4 @@
-"""A decoder-only transformer with a pluggable position encoding (PoPE, RoPE, none, learned absolute).
+"""A decoder-only transformer with a pluggable position encoding (`model.position`, pipeline/positional.py).
 
 Pre-norm blocks with RMSNorm, causal self-attention through PyTorch's scaled_dot_product_attention, a 4x GELU MLP,
 dropout on embeddings, attention weights and residual branches, and a token embedding tied to the output head.
@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.positional import LearnedPositions, build_qk_encoding, qk_width
+from pipeline.positional import ALiBi, LearnedPositions, SinusoidalPositions, Yarn, build_qk_encoding, qk_width
 
 IGNORE_INDEX = -100  # targets with this value contribute no loss (padding, or every token but the last)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + causal mask)·v through SDPA; q, k may be wider than v (PoPE: 2·head_dim).
+                     dropout_p: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias + causal mask)·v through SDPA; q, k may be wider than v (PoPE: 2·head_dim).
 
     Which SDPA backends take a v narrower than q/k: the math backend (CPU and CUDA) and CUDA's memory-efficient
     kernel do; the flash kernels (CPU's, and CUDA's FlashAttention-2) require one last dimension for q, k and v
@@ -30,11 +30,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q/k 128, v 64 took 0.92 s, flash with v zero-padded to 128 took 0.47 s (RoPE's 64/64 flash: 0.34 s). So v is
     zero-padded to the width of q/k and the padded half of the output dropped: zero columns of v give zero
     output columns and change nothing else, and the fastest kernel stays available on every device.
+
+    `bias` (ALiBi only; (batch|1, heads, T, T), added to the logits): it becomes a float attn_mask that also holds
+    the causal −inf, which takes SDPA off the flash kernels and costs heads·T² floats per layer while it lives
+    (12 heads at T = 10,240 in fp32: 5 GB). Without a bias, the is_causal fast path is used.
     """
     width = v.shape[-1]
     if q.shape[-1] != width:
         v = F.pad(v, (0, q.shape[-1] - width))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    if bias is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+    else:
+        seq = q.shape[-2]
+        future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(diagonal=1)
+        mask = bias.masked_fill(future, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out[..., :width]
 
 
@@ -43,31 +53,39 @@ class LayerCache:
 
     Keys are stored *after* the position encoding (PoPE: the 2·head_dim-wide Cartesian vectors with the key phase
     s·θ + δ already applied; RoPE: rotated), so each step encodes only its new tokens. Values are stored zero-padded
-    to the key width, ready for SDPA's flash kernel (see causal_attention). Buffers are preallocated and grow by
-    doubling: concatenating each step would copy the whole cache every token.
+    to the key width, ready for SDPA's flash kernel (see causal_attention). The keys' positions are kept too, for
+    ALiBi's bias against absolute key positions. Buffers are preallocated and grow by doubling: concatenating each
+    step would copy the whole cache every token.
     """
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # (batch, heads, capacity, qk width)
         self.values: torch.Tensor | None = None  # (batch, heads, capacity, qk width)
+        self.positions: torch.Tensor | None = None  # (batch, capacity) int64
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' k, v (v already padded to k's width); return every cached key and value."""
+    def append(self, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (v already padded to k's width) and positions ((seq,) or (batch, seq));
+        return every cached key, value and key position."""
         new = k.shape[-2]
         end = self.length + new
+        positions = positions.expand(k.shape[0], new)
         if self.keys is None or end > self.keys.shape[-2]:
             capacity = max(end, 2 * (self.keys.shape[-2] if self.keys is not None else 0), 64)
             keys = k.new_zeros(*k.shape[:-2], capacity, k.shape[-1])
             values = v.new_zeros(*v.shape[:-2], capacity, v.shape[-1])
+            stored = positions.new_zeros(k.shape[0], capacity)
             if self.keys is not None:
                 keys[..., :self.length, :] = self.keys[..., :self.length, :]
                 values[..., :self.length, :] = self.values[..., :self.length, :]
-            self.keys, self.values = keys, values
+                stored[:, :self.length] = self.positions[:, :self.length]
+            self.keys, self.values, self.positions = keys, values, stored
         self.keys[..., self.length:end, :] = k
         self.values[..., self.length:end, :] = v
+        self.positions[:, self.length:end] = positions
         self.length = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self.keys[..., :end, :], self.values[..., :end, :], self.positions[:, :end]
 
 
 class KVCache:
@@ -85,26 +103,39 @@ class KVCache:
         return self.layers[0].length if self.layers else 0
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     cache: LayerCache) -> torch.Tensor:
-    """Attention of the new queries to the cached keys plus the new ones (inference only, no dropout).
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cache: LayerCache,
+                     positions: torch.Tensor, alibi: ALiBi | None = None) -> torch.Tensor:
+    """Attention of the new queries (at `positions`) to the cached keys plus the new ones (inference only).
 
     With an empty cache this is causal_attention. A single new token sees every key, so no mask at all
     (is_causal=False). Several new tokens after a cache (a prefill) need an explicit mask: SDPA's is_causal aligns
-    the mask to the top-left corner, which for fewer queries than keys would hide the cache from them.
+    the mask to the top-left corner, which for fewer queries than keys would hide the cache from them. ALiBi adds
+    its bias against the cached keys' positions, in the same float mask.
     """
     width = v.shape[-1]
     past, new = cache.length, q.shape[-2]
     if q.shape[-1] != width:
         v = F.pad(v, (0, q.shape[-1] - width))
-    keys, values = cache.append(k, v)
-    if past == 0 or new == 1:
+    keys, values, key_positions = cache.append(k, v, positions)
+    if alibi is None and (past == 0 or new == 1):
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=past == 0 and new > 1, scale=scale)
     else:
-        # query i sits at position past + i and sees keys 0 .. past + i
-        mask = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        # query i sits at index past + i and sees keys 0 .. past + i
+        visible = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        if alibi is None:
+            mask = visible
+        else:
+            mask = alibi.bias(positions, key_positions, q.dtype).masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out[..., :width]
+
+
+def yarn_of(cfg: ModelConfig) -> Yarn | None:
+    """The config's YaRN (original context 0 meaning model.max_seq_len), or None."""
+    y = cfg.rope_scaling
+    if y.type != "yarn":
+        return None
+    return Yarn(y.factor, y.original_max_seq_len or cfg.max_seq_len, y.alpha, y.beta)
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,7 +146,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         # Each layer owns its encoding: PoPE's δ is per layer, head and frequency.
         self.position = build_qk_encoding(cfg.position, self.head_dim, cfg.n_heads, cfg.position_base,
-                                          cfg.pope_delta_init)
+                                          cfg.pope_delta_init, magnitude=cfg.pope_magnitude, delta=cfg.pope_delta,
+                                          yarn=yarn_of(cfg))
+        self.uses_alibi = isinstance(self.position, ALiBi)  # its bias goes into attention, not into q/k
         # 1/sqrt of the *original* head dim for every encoding, also for PoPE's 2·head_dim-wide q/k.
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.dropout = cfg.dropout
@@ -127,9 +160,10 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(width, dim=2))
         q, k = self.position(q, k, positions)
         if cache is None:
-            y = causal_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
+            bias = self.position.bias(positions, positions, q.dtype) if self.uses_alibi else None
+            y = causal_attention(q, k, v, self.scale, self.dropout if self.training else 0.0, bias)
         else:
-            y = cached_attention(q, k, v, self.scale, cache)
+            y = cached_attention(q, k, v, self.scale, cache, positions, self.position if self.uses_alibi else None)
         y = y.transpose(1, 2).reshape(batch, seq, width)
         return self.resid_dropout(self.out(y))
 
@@ -171,6 +205,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.learned_positions = LearnedPositions(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.sinusoidal = (SinusoidalPositions(cfg.d_model, cfg.position_base) if cfg.position == "sinusoidal"
+                           else None)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -187,6 +223,21 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus the absolute positions, if the encoding is one (learned, sinusoidal), dropped out.
+
+        Every other encoding, and sinusoidal, computes any position, so it reads past model.max_seq_len (length
+        extrapolation); a learned table has no row beyond it."""
+        if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond what learned absolute positions know "
+                             f"(model.max_seq_len={self.cfg.max_seq_len})")
+        x = self.embed(tokens)
+        if self.learned_positions is not None:
+            x = x + self.learned_positions(positions)
+        if self.sinusoidal is not None:
+            x = x + self.sinusoidal(positions, x.dtype).to(x.dtype)
+        return self.embed_dropout(x)
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,15 +245,7 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + seq, device=tokens.device)
-        # PoPE, RoPE and none compute their phases for any position, so they read past model.max_seq_len (length
-        # extrapolation); a learned table has no row beyond it.
-        if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond what learned absolute positions know "
-                             f"(model.max_seq_len={self.cfg.max_seq_len})")
-        x = self.embed(tokens)
-        if self.learned_positions is not None:
-            x = x + self.learned_positions(positions)
-        x = self.embed_dropout(x)
+        x = self._embed(tokens, positions)
         if cache is None:
             for block in self.blocks:
                 x = block(x, positions)
@@ -262,18 +305,12 @@ class Transformer(nn.Module):
 
         `forward` without the projection, for callers that score long sequences: projecting and log-softmaxing a
         chunk of positions at a time never holds seq × vocab logits at once (10,240 × 50,257 in fp32 is 2 GB).
-        Kept apart from `forward` on purpose, so neither changes the other.
+        Kept apart from `forward` on purpose (they share only `_embed`), so neither changes the other.
         """
         seq = tokens.shape[1]
         if positions is None:
             positions = torch.arange(seq, device=tokens.device)
-        if self.learned_positions is not None and int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond what learned absolute positions know "
-                             f"(model.max_seq_len={self.cfg.max_seq_len})")
-        x = self.embed(tokens)
-        if self.learned_positions is not None:
-            x = x + self.learned_positions(positions)
-        x = self.embed_dropout(x)
+        x = self._embed(tokens, positions)
         for block in self.blocks:
             x = block(x, positions)
         return self.final_norm(x)

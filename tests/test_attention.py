@@ -71,3 +71,26 @@ def test_rope_attention_gradcheck():
         return causal_attention(*rope(q, k, positions), v, 0.5)
 
     assert torch.autograd.gradcheck(attend, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_alibi_bias_attention_equals_naive_with_bias():
+    """ALiBi's float mask (bias + causal −inf) through SDPA, against the naive softmax with the bias added."""
+    q, k, v = _inputs(heads=3, seq=7)
+    alibi = build_qk_encoding("alibi", 4, 3)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [2, 5, 6, 9, 10, 11, 30]])
+    bias = alibi.bias(positions, positions, torch.float64)
+    assert bias.shape == (2, 3, 7, 7)
+    # Press et al. for 3 heads: the 2-head slopes 2^-4, 2^-8, then 2^-2 (the 4-head sequence's first)
+    slopes = torch.tensor([2 ** -4, 2 ** -8, 2 ** -2], dtype=torch.float64)
+    distance = (positions[:, :, None] - positions[:, None, :]).double()
+    torch.testing.assert_close(bias, -slopes[None, :, None, None] * distance[:, None], rtol=0, atol=0)
+
+    def naive(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) * 0.5 + bias
+        mask = torch.ones(7, 7, dtype=torch.bool).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+    got = causal_attention(q, k, v, 0.5, bias=bias)
+    torch.testing.assert_close(got, naive(q, k, v), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, 0.5, bias=bias), (q, k, v),
+                                    eps=1e-6, atol=1e-7)

@@ -46,7 +46,12 @@ def test_overrides_parse_types():
     ("model.n_heads=four", "config key 'model.n_heads' expects an integer; got 'four'"),
     ("model.n_heads=2.5", "expects an integer"),
     ("optim.lr=fast", "config key 'optim.lr' expects a number"),
-    ("model.position=alibi", "config key 'model.position' must be one of pope, rope, none, learned; got 'alibi'"),
+    ("model.position=t5", "config key 'model.position' must be one of pope, rope, rope_half, alibi, alibi_half, "
+                          "sinusoidal, learned, none; got 't5'"),
+    ("model.pope_magnitude=exp", "must be one of softplus, relu, identity"),
+    ("model.pope_delta=zero", "must be one of learned, none"),
+    ("model.rope_scaling.type=ntk", "config key 'model.rope_scaling.type' must be one of none, yarn"),
+    ("model.rope_scaling.scale=4", "unknown config key 'model.rope_scaling.scale'; valid keys in model.rope_scaling"),
     ("model.pope_delta_init=normal", "must be one of zero, uniform"),
     ("deepspeed.precision=fp8", "must be one of fp32, bf16, fp16"),
     ("model.bias=maybe", "expects true or false"),

@@ -19,27 +19,31 @@ import torch
 
 from conftest import run_pope
 from data_prep.contract import MANIFEST, TOKENIZER_DIR
-from pipeline.config import Config, ModelConfig, to_yaml
+from pipeline.config import Config, ModelConfig, RopeScalingConfig, to_yaml
 from pipeline.generate import Sampling, filter_logits, generate, write_jsb_midi
 from pipeline.model import KVCache, Transformer
 from tiny_data import build
 
-KINDS = ["pope", "rope", "none", "learned"]
+# every model.position, and RoPE with YaRN (s = 4 over the 16 trained positions)
+KINDS = ["pope", "rope", "rope_half", "alibi", "alibi_half", "sinusoidal", "learned", "none", "rope_yarn"]
 
 
 def small_model(position: str, max_seq_len: int = 16, vocab: int = 50) -> Transformer:
     torch.manual_seed(0)
     # init_std 0.5: with GPT-2's 0.02 a random model with tied embeddings repeats one token forever, which would
     # make greedy agreement a weak check; wide logits also keep greedy choices away from near-ties
+    scaling = RopeScalingConfig(type="yarn", factor=4.0) if position == "rope_yarn" else RopeScalingConfig()
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_heads=4, n_layers=2, max_seq_len=max_seq_len,
-                      position=position, pope_delta_init="uniform", init_std=0.5)
+                      position=position.removesuffix("_yarn"), pope_delta_init="uniform", init_std=0.5,
+                      rope_scaling=scaling)
     return Transformer(cfg).float().eval()
 
 
 @pytest.mark.parametrize("position", KINDS)
 def test_cache_logits_match_full_forward(position):
     """A prompt prefill, a multi-token prefill after the cache, and single tokens give the full forward's logits
-    (for PoPE, RoPE and none past max_seq_len = 16, and past the cache's first capacity of 64)."""
+    (every encoding but learned past max_seq_len = 16, and past the cache's first capacity of 64; ALiBi's bias
+    against the cached keys' absolute positions included)."""
     model = small_model(position)
     length = 16 if position == "learned" else 90
     cuts = [0, 5, 9, 10, 11, length] if position == "learned" else [0, 5, 9, 10, 11, 40, 41, 70, 71, 90]
@@ -54,7 +58,7 @@ def test_cache_logits_match_full_forward(position):
 
 @pytest.mark.parametrize("position", KINDS)
 def test_greedy_cached_equals_uncached(position):
-    """Token for token in fp32; PoPE, RoPE and none go well beyond max_seq_len (16), learned stays within it."""
+    """Token for token in fp32; every encoding but learned goes well beyond max_seq_len (16)."""
     model = small_model(position)
     prompt = [3, 17, 4, 42, 8]
     new = 11 if position == "learned" else 60
@@ -66,7 +70,7 @@ def test_greedy_cached_equals_uncached(position):
     assert len(set(cached)) >= 3  # a model stuck on one token would make the comparison weak
 
 
-@pytest.mark.parametrize("position", ["pope", "rope"])
+@pytest.mark.parametrize("position", ["pope", "rope", "alibi"])
 def test_sampled_cached_equals_uncached(position):
     """With the same seed, sampling draws the same tokens with and without the cache (same probabilities)."""
     model = small_model(position)

@@ -7,9 +7,9 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.model import IGNORE_INDEX, Transformer
-from pipeline.positional import PoPE
+from pipeline.positional import POSITION_KINDS, PoPE
 
-KINDS = ["pope", "rope", "none", "learned"]
+KINDS = list(POSITION_KINDS)  # every model.position; tests/test_encodings.py checks each against its formula
 
 
 def tiny(position, **kw):
