@@ -232,9 +232,10 @@ def _length_metrics(plan: Plan, setting: Setting, run: Path, folder: Path) -> di
     p = plan.profile
     lengths = eval_lengths(p)
     out = folder / "length_eval"
-    command = [sys.executable, "-m", "launch.cli", "eval", "length", str(run), "--data", str(plan.folders["eval"]),
-               "--split", "train", "--lengths", ",".join(map(str, lengths)), "--max-samples", str(p.eval_samples),
-               "--out", str(out), *_format(setting.eval_overrides, p)]
+    # The overrides follow the RUN (argparse reads them with it), before the options.
+    command = [sys.executable, "-m", "launch.cli", "eval", "length", str(run), *_format(setting.eval_overrides, p),
+               "--data", str(plan.folders["eval"]), "--split", "train", "--lengths", ",".join(map(str, lengths)),
+               "--max-samples", str(p.eval_samples), "--out", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RunFailed(f"pope eval length {run.name} failed (exit {proc.returncode}): "
