@@ -188,3 +188,44 @@ def test_bad_arguments_are_one_line(root: Path):
     proc = run_pope("repro", "extrapolation", "--text", str(root / "text_train"), "--data", str(root / "y"),
                     check=False)
     assert proc.returncode == 2 and "--eval-text" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A real one-machine SLURM (tests/slurm_cluster.py), as tests/test_slurm.py uses it."""
+    import os
+
+    from slurm_cluster import SlurmCluster, install_reason
+
+    reason = install_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    try:
+        cluster.stop()
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+def test_slurm_array_then_local_rerun_skips(root: Path, slurm_cluster):
+    import time
+
+    proc = repro(root, "indirect", "--settings", "pope,learned", "--runs", str(root / "slurm_runs"),
+                 "--out", str(root / "slurm_out"), "--slurm", "slurm.cpus_per_task=1", "slurm.time=10")
+    assert "training: array job" in proc.stdout and "collect job" in proc.stdout
+    deadline = time.monotonic() + 300
+    while not slurm_cluster.queue_empty():
+        assert time.monotonic() < deadline, "the repro jobs did not finish within 5 minutes"
+        time.sleep(2)
+    rows = read_summary(root / "slurm_out" / "indirect" / "summary.csv")  # written by the collect job
+    assert sorted(r["setting"] for r in rows) == ["learned", "pope"] and all(r["steps"] == 2 for r in rows)
+    proc = repro(root, "indirect", "--settings", "pope,learned", "--runs", str(root / "slurm_runs"),
+                 "--out", str(root / "slurm_out"))
+    assert "0 trained, 0 evaluated only, 2 skipped" in proc.stdout
