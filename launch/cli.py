@@ -204,7 +204,8 @@ def cmd_repro(args: argparse.Namespace) -> int:
         raise UsageError(f"--set takes section.key=value config overrides (slurm.* go after --slurm); got {bad[0]}")
     plan = Plan(suite=suite, profile_name=profile_name, profile=with_overrides(suite.profile(profile_name), ()),
                 seeds=args.seeds, out=Path(args.out), runs=Path(args.runs), data=Path(args.data),
-                overrides=tuple(args.set), only=tuple(n for n in (args.settings or "").split(",") if n), text=tuple(map(Path, args.text)) if args.text else None,
+                overrides=tuple(args.set), only=tuple(n for n in (args.settings or "").split(",") if n),
+                text=tuple(map(Path, args.text)) if args.text else None,
                 eval_text=tuple(map(Path, args.eval_text)) if args.eval_text else None,
                 command=shlex.join(["pope", "repro", *sys.argv[2:]]) if sys.argv[1:2] == ["repro"] else "")
     plan.grid()  # an unknown --settings name fails here, in one line
