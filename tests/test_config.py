@@ -10,12 +10,7 @@ from launch.cli import main as pope_main
 from pipeline.config import (CONFIGS_DIR, Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config,
                              to_dict, to_yaml, validate)
 
-# model.rope_scaling (YaRN) arrives with branch enc; until then the config that sets it cannot load.
-HAS_ROPE_SCALING = "rope_scaling" in {f.name for f in dataclasses.fields(ModelConfig)}
-NEEDS_ROPE_SCALING = {"owt_124m_rope_yarn_ft4096.yaml"}
-SHIPPED = [pytest.param(p, marks=pytest.mark.skipif(p.name in NEEDS_ROPE_SCALING and not HAS_ROPE_SCALING,
-                                                    reason="model.rope_scaling is not in this version yet"))
-           for p in sorted(CONFIGS_DIR.rglob("*.yaml")) if not p.name.startswith("_")]
+SHIPPED = [p for p in sorted(CONFIGS_DIR.rglob("*.yaml")) if not p.name.startswith("_")]
 
 
 def write(tmp_path, name, data):
@@ -100,8 +95,18 @@ def test_inherit_merges_and_detects_cycles(tmp_path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
 def test_every_shipped_config_loads(path):
     config = load_config(path)
-    prefix = "tiny_" if path.parent.name == "tiny" else ""
-    assert config.name == prefix + path.stem  # run folders never collide between configs
+    assert config.name and config.run_dir
+
+
+def test_shipped_configs_never_share_a_run_folder():
+    """Two configs with one run folder would resume each other's checkpoints (`pope repro` renames its runs per
+    setting and seed on top of this)."""
+    folders: dict[Path, Path] = {}
+    for path in SHIPPED:
+        config = load_config(path)
+        folder = Path(config.run_dir) / config.name
+        assert folder not in folders, f"{path} and {folders[folder]} both train into {folder}"
+        folders[folder] = path
 
 
 PAPER = {  # experiment: (width, heads, layers, dropout, delta init, batch, seq, lr, beta2, iters, warmup)
@@ -130,8 +135,7 @@ def test_paper_configs_match_the_paper_and_twins_differ_only_in_position(experim
     assert tiny_pope.deepspeed.precision == "fp32" and tiny_pope.model.pope_delta_init == m.pope_delta_init
 
 
-@pytest.mark.parametrize("base", ["owt_124m_pope", pytest.param("owt_124m_rope_yarn", marks=pytest.mark.skipif(
-    not HAS_ROPE_SCALING, reason="model.rope_scaling is not in this version yet"))])
+@pytest.mark.parametrize("base", ["owt_124m_pope", "owt_124m_rope_yarn"])
 def test_length_fine_tune_configs_match_the_paper(base):
     """PoPE+ft and YaRN: the 1024-token run's weights, 500 steps at 4096, warmup 20, batch 64, LR 6e-5, no decay."""
     ft = load_config(f"paper/{base}_ft4096")
