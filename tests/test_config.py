@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launch.cli import main as pope_main
-from pipeline.config import (CONFIGS_DIR, Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config,
+from pipeline.config import (CONFIGS_DIR, Config, ConfigError, apply_overrides, from_dict, load_config,
                              to_dict, to_yaml, validate)
 
 SHIPPED = [p for p in sorted(CONFIGS_DIR.rglob("*.yaml")) if not p.name.startswith("_")]
