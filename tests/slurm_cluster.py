@@ -10,6 +10,7 @@ find it through the SLURM_CONF environment variable, so /etc/slurm is never touc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -152,3 +153,22 @@ if __name__ == "__main__":
         signal.pause()
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(folder: Path):
+    """A started SlurmCluster in `folder` with SLURM_CONF pointing at it; stopped and SLURM_CONF restored after."""
+    cluster = SlurmCluster(folder)
+    cluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            if previous is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = previous

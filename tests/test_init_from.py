@@ -1,16 +1,12 @@
 """Fine-tuning from weights (`init.from`): real source runs (2 processes, gloo, DeepSpeed), real exports, real data."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, metrics, run_pope, synthetic_documents, tiny_train_args
+from conftest import kill_after_step, metrics, run_pope, synthetic_documents, tiny_train_args
 from pipeline.checkpoint import MARKER, tag_for
 from pipeline.config import load_config
 from pipeline.init_from import init_weights, state_checksum
@@ -167,18 +163,6 @@ def test_tokenizer_mismatch_and_damaged_source_are_refused(source, other_tokeniz
         init_weights(config, Transformer(config.model))
 
 
-def _kill_after_step(args, run, step):
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(m.get("step", 0) >= step for m in metrics(run)):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _marker(run, step):
     return json.loads((run / "checkpoints" / tag_for(step) / MARKER).read_text())
 
@@ -194,7 +178,7 @@ def killed_fine_tune(source, long_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("fine_tune")
     args = fine_tune_args(long_dataset, root, "ft", src, "deepspeed.zero_stage=2", "schedule.max_steps=6",
                           "checkpoint.every=2", "checkpoint.keep_last=5")
-    _kill_after_step(args, root / "ft", 3)
+    kill_after_step(args, root / "ft", 3)
     done = max(int(p.name[4:]) for p in (root / "ft" / "checkpoints").glob("step*") if (p / MARKER).is_file())
     assert done < 6, "the fine-tune finished before it was killed"
     before = (root / "ft" / "train.log").read_text()

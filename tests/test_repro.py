@@ -193,25 +193,13 @@ def test_bad_arguments_are_one_line(root: Path):
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     """A real one-machine SLURM (tests/slurm_cluster.py), as tests/test_slurm.py uses it."""
-    import os
-
-    from slurm_cluster import SlurmCluster, install_reason
+    from slurm_cluster import install_reason, running_cluster
 
     reason = install_reason()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    try:
-        cluster.stop()
-    finally:
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 def test_slurm_array_then_local_rerun_skips(root: Path, slurm_cluster):

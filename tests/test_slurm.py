@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, metrics, run_pope, synthetic_documents, tiny_train_args
 from launch.rendezvous import expand_nodelist, port_for_job, rendezvous_from_env, tasks_on_node
-from slurm_cluster import SlurmCluster, install_reason
+from slurm_cluster import install_reason, running_cluster
 
 
 def test_rendezvous_from_slurm_environment():
@@ -61,18 +61,8 @@ def slurm(tmp_path_factory):
     reason = install_reason()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    try:
-        cluster.stop()
-    finally:
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 SLURM_ARGS = ("schedule.max_steps=14", "checkpoint.every=100", "eval.every=7", "logging.log_every=1",

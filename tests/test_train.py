@@ -2,16 +2,12 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, metrics, run_pope, tiny_train_args
+import conftest
+from conftest import metrics, run_pope, tiny_train_args
 from pipeline.checkpoint import HASH, hash_file
 from pipeline.config import Config, apply_overrides
 from pipeline.train import EXIT_NONFINITE, deepspeed_config, lr_multiplier
@@ -32,15 +28,7 @@ def losses_by_step(run):
 
 def kill_after_step(args, run, step):
     """Start `pope train`, SIGKILL its whole process group once `step` is logged."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(m.get("step", 0) >= step for m in metrics(run)):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    conftest.kill_after_step(args, run, step)
     assert max(m["step"] for m in metrics(run)) < 12, "the run finished before it was killed"
 
 
