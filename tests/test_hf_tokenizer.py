@@ -56,7 +56,8 @@ def hf_in_fresh_process(requests: dict[str, dict], tmp: Path) -> dict[str, dict]
         "    tok = AutoTokenizer.from_pretrained(folder)\n"
         "    out[folder] = {'ids': [tok.encode(t) for t in r['texts']], 'call': tok(r['texts'])['input_ids'],\n"
         "                   'decoded': [tok.decode(i) for i in r['decode']],\n"
-        "                   'specials': {k: getattr(tok, k + '_id') for k in ('bos_token', 'eos_token', 'pad_token')}}\n"
+        "                   'specials': {k: getattr(tok, k + '_id') for k in ('bos_token', 'eos_token',\n"
+        "                                                                     'pad_token')}}\n"
         "json.dump(out, open(sys.argv[2], 'w'))\n")
     (tmp / "requests.json").write_text(json.dumps(requests))
     env = {**os.environ, "HF_HOME": str(tmp / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -3,6 +3,7 @@
 - text.py:  SentencePiece BPE with byte fallback (trained on the corpus), GPT-2 byte-level BPE (local files)
 - dna.py:   Nucleotide Transformer 6-mers (vocab 4107), single characters
 - music.py: JSB chorale raster vocabulary (90 ids), REMI through miditok
+- hf.py:    the same tokenizers as Hugging Face files (tokenizer.json) for an export, or a note where none fits
 """
 
 from data_prep.tokenizers.base import Tokenizer, load_tokenizer
