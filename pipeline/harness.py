@@ -284,6 +284,8 @@ def run_harness(path: str | Path, tasks: Sequence[str], *, include_path: str | P
         raise ValueError(f"--num-fewshot must be >= 0; got {num_fewshot}")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be > 0; got {limit}")
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # a count of documents; below 1 the harness reads a fraction
     out = Path(out) if out else Path(f"harness-{Path(path).resolve().name}.json")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'harness.json'}")
