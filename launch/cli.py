@@ -126,7 +126,8 @@ def cmd_eval_length(args: argparse.Namespace) -> int:
 def _task_names(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise argparse.ArgumentTypeError(f"--tasks takes task names separated by commas, e.g. piqa,cbt_cn; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--tasks takes task names separated by commas, e.g. piqa,cbt_cn; "
+                                         f"got {text!r}")
     return names
 
 

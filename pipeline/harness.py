@@ -144,8 +144,8 @@ class PopeLM(TemplateLM):
         whole = list(context) + list(continuation)
         start = len(context)
         if len(continuation) > self.max_length:
-            log.warning("a continuation of %d tokens is longer than max_length %d: scored in pieces",
-                        len(continuation), self.max_length)
+            lm_utils.warning_once(log, f"continuations longer than max_length ({self.max_length} tokens) are scored "
+                                       "in pieces of max_length tokens")
         for first in range(0, len(continuation), self.max_length):
             end = min(first + self.max_length, len(continuation))
             upto = whole[: start + end]
@@ -166,7 +166,8 @@ class PopeLM(TemplateLM):
                 tokens[row, :len(inp)] = torch.tensor(inp)
             hidden = self.model.hidden(tokens.to(self._device))
             # only the positions that predict a target go through the tied head
-            rows = torch.cat([hidden[row, len(inp) - len(target):len(inp)] for row, (_, inp, target) in enumerate(batch)])
+            rows = torch.cat([hidden[row, len(inp) - len(target):len(inp)]
+                              for row, (_, inp, target) in enumerate(batch)])
             targets = torch.tensor([t for _, _, target in batch for t in target], device=self._device)
             logprob, best = self.target_logprobs(rows, targets)
             offset = 0
@@ -220,9 +221,10 @@ class PopeLM(TemplateLM):
             if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length "
                                  f"{self.max_length}")
-            sampling = (Sampling(temperature=float(kwargs["temperature"]), top_k=int(kwargs.get("top_k") or 0),
+            temperature = float(kwargs.get("temperature") or 0.0)
+            sampling = (Sampling(temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
                                  top_p=float(kwargs.get("top_p") or 1.0))
-                        if kwargs.get("do_sample") and kwargs["temperature"] > 0 else Sampling(temperature=0))
+                        if kwargs.get("do_sample") and temperature > 0 else Sampling(temperature=0))
             prompt = (self.tok_encode(context) if context else [self.prefix_token_id])
             prompt = prompt[-(self.max_length - max_new):]
 

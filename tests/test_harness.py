@@ -30,7 +30,7 @@ from conftest import ROOT, run_pope, synthetic_documents, tiny_train_args  # noq
 from data_prep.contract import read_manifest  # noqa: E402
 from data_prep.tokenizers import load_tokenizer  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.generate import Source, load_source  # noqa: E402
+from pipeline.generate import Source  # noqa: E402
 from pipeline.harness import TASKS_DIR, PopeLM, task_manager  # noqa: E402
 from pipeline.model import Transformer  # noqa: E402
 
