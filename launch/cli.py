@@ -123,6 +123,30 @@ def cmd_eval_length(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"--tasks takes task names separated by commas, e.g. piqa,cbt_cn; "
+                                         f"got {text!r}")
+    return names
+
+
+def cmd_eval_harness(args: argparse.Namespace) -> int:
+    """Downstream tasks through lm-evaluation-harness (pipeline/harness.py): its JSON to --out, its table printed."""
+    try:
+        import lm_eval  # noqa: F401 - only to say how to install it
+    except ImportError:
+        raise UsageError("pope eval harness needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+    from pipeline.harness import results_table, run_harness
+
+    results, out = run_harness(args.run, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                               limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                               out=args.out, overrides=args.overrides + args.trailing)
+    print(results_table(results), end="")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
@@ -271,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--band", type=int, default=None,
                    help="positions per band in positions.csv (default: each run's data.seq_len)")
     p.set_defaults(func=cmd_eval_length, trailing_overrides=True)
+    p = evals.add_parser("harness", help="downstream tasks through lm-evaluation-harness (needs .[eval])")
+    p.add_argument("run", help="a run folder (its newest checkpoint) or a `pope export` folder; a text model")
+    p.add_argument("overrides", nargs="*", metavar="model.key=value",
+                   help="model.rope_scaling.* (YaRN) and model.position_base overrides of the trained model")
+    p.add_argument("--tasks", required=True, type=_task_names,
+                   help="task or group names, comma-separated: lm-eval's (lambada_openai, blimp, hellaswag, piqa, "
+                        "arc_easy, ...), the project's (cbt, cbt_cn, cbt_ne) or --include-path's")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of your own task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="examples in each prompt (default: each task's own, zero for most)")
+    p.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="the first N documents of each task (a fraction below 1); for quick checks only")
+    p.add_argument("--batch-size", type=int, default=1, help="inputs per forward pass, sorted by length (default 1)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens the model reads, inputs left-truncated to it (default: the model's max_seq_len; "
+                        "longer is length extrapolation, refused for learned positions)")
+    p.add_argument("--out", default=None,
+                   help="the harness's JSON results (default ./harness-<RUN folder name>.json)")
+    p.set_defaults(func=cmd_eval_harness, trailing_overrides=True)
 
     p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
     p.add_argument("run", help="the run folder")

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,8 +105,10 @@ def check_length(config: ModelConfig, prompt_tokens: int, max_new_tokens: int) -
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(), *,
-             use_cache: bool = True, banned: Sequence[int] = (), stop: Sequence[int] = ()) -> list[int]:
-    """The new tokens (not the prompt) after `prompt`, up to max_new_tokens; stops early after a `stop` id.
+             use_cache: bool = True, banned: Sequence[int] = (), stop: Sequence[int] = (),
+             done: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """The new tokens (not the prompt) after `prompt`, up to max_new_tokens; stops early after a `stop` id, or
+    once `done(new tokens so far)` is true (the harness's stop strings, pipeline/harness.py).
 
     With use_cache the prompt is read once into a KVCache and each step feeds only the last token; without it each
     step runs the whole sequence (the same logits up to float rounding, so greedy decoding agrees token for token).
@@ -133,7 +135,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, sam
             last[banned_ids] = float("-inf")
         token = choose(last, sampling, generator)
         new.append(token)
-        if token in stop_ids:
+        if token in stop_ids or (done is not None and done(new)):
             break
         feed = torch.tensor([[token]], dtype=torch.long, device=device)
         if cache is None:
