@@ -208,7 +208,10 @@ def test_trained_run_through_pope_export(text_dataset, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["pope_pretrain"]["dataset_manifest_hash"] == manifest_hash(text_dataset)
     assert config["eos_token_id"] == json.loads((out / "manifest.json").read_text())["special_ids"]["eos"]
-    tokens = torch.randint(0, info["model"]["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(0))
+    # no special ids in the input: transformers' generate reads the pad id in a prompt as padding
+    specials = json.loads((out / "manifest.json").read_text())["special_ids"]
+    low = 1 + max(i for i in specials.values() if i is not None)
+    tokens = torch.randint(low, info["model"]["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(0))
     item = {"dir": str(out), "tokens": tokens.tolist(), "prompt": [tokens[0, :6].tolist(), tokens[0, 6:12].tolist()],
             "new": 6, "too_long": 0, "full": False}
     result = run_child({"run": item}, tmp_path, None)["exports"]["run"]
