@@ -9,6 +9,9 @@ PY      = $(VENV)/bin/python
 # Every pip command carries the constraints file: it pins torch so no dependency swaps in a CUDA build.
 PIP     = $(PY) -m pip install --quiet --constraint constraints.txt
 STAMP   = $(VENV)/.installed
+# The oldest transformers the `hf` extra allows (its lower bound in pyproject.toml) and a tokenizers it works
+# with, installed beside the venv: tests/test_hf_export.py loads exports with it as well as with the venv's own.
+OLDEST_TRANSFORMERS = transformers==4.46.3 tokenizers==0.20.3
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test bench tiny-data clean
@@ -20,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch
 	$(PIP) --editable ".[dev]"
+	$(PIP) --upgrade --no-deps --target $(VENV)/oldest-transformers $(OLDEST_TRANSFORMERS)
 	touch $@
 
 demo: $(STAMP)

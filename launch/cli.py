@@ -151,7 +151,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
     out = export(args.run, args.out, step=args.step)
-    print(f"exported {args.run} to {out} (model.safetensors, model.json, config.yaml, tokenizer)")
+    print(f"exported {args.run} to {out} (model.safetensors, model.json, config.yaml, tokenizer; config.json and the "
+          "model code for transformers)")
     return 0
 
 
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the harness's JSON results (default ./harness-<RUN folder name>.json)")
     p.set_defaults(func=cmd_eval_harness, trailing_overrides=True)
 
-    p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run")
+    p = sub.add_parser("export", help="consolidated weights (safetensors) + config + tokenizer of a run, "
+                                            "loadable by transformers (trust_remote_code=True)")
     p.add_argument("run", help="the run folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest)")

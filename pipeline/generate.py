@@ -43,6 +43,7 @@ JSB_STEP_TICKS = JSB_TPQ // 4  # one 16th note
 JSB_QPM = 80.0  # a chorale tempo
 JSB_VOICE_NAMES = ("Soprano", "Alto", "Tenor", "Bass")
 JSB_VELOCITY = 80
+ENDS_WITH_EOS = ("text", "indirect", "midi")  # corpora whose documents (pieces) end with EOS: generation stops there
 DEFAULT_PROMPT_LENGTH = 64  # tokens of a sample used as a prompt: JSB 16 steps (one 4/4 bar), 64 k-mers of DNA
 
 
@@ -235,7 +236,7 @@ def banned_ids(source: Source) -> list[int]:
 def stop_ids(source: Source) -> list[int]:
     """EOS ends a document (text, indirect) or a piece (REMI); the other corpora have no end token."""
     eos = special_ids(source)["eos"]
-    return [eos] if eos is not None and source.corpus in ("text", "indirect", "midi") else []
+    return [eos] if eos is not None and source.corpus in ENDS_WITH_EOS else []
 
 
 def check_out(corpus: str, out: str | None) -> None:

@@ -9,13 +9,16 @@ scaled down by 1/sqrt(2·n_layers) so the stream's variance does not grow with d
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.positional import ALiBi, LearnedPositions, SinusoidalPositions, Yarn, build_qk_encoding, qk_width
+
+if TYPE_CHECKING:  # annotations only: the model reads its config by attribute, so `pope export` can ship this file
+    from pipeline.config import ModelConfig  # to Hugging Face with a config of its own (pipeline/hf_export.py)
 
 IGNORE_INDEX = -100  # targets with this value contribute no loss (padding, or every token but the last)
 
@@ -97,6 +100,15 @@ class KVCache:
 
     def __init__(self, n_layers: int) -> None:
         self.layers = [LayerCache() for _ in range(n_layers)]
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (indices, repeats allowed) of every layer: beam search reorders its beams
+        (the name is the one transformers' generate calls on a cache)."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                rows = rows.to(layer.keys.device)
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+                layer.positions = layer.positions[rows]
 
     @property
     def length(self) -> int:

@@ -74,10 +74,10 @@ def source_weights(source_run):
 
 @pytest.mark.parametrize("kind", ["run", "export"])
 def test_fine_tune_model_holds_exactly_the_source_weights(source, long_dataset, tmp_path, kind):
-    from safetensors.torch import load_file
+    from pipeline.export import read_exported
 
     run, export = source
-    expected = source_weights(run) if kind == "run" else load_file(str(export / "model.safetensors"))
+    expected = source_weights(run) if kind == "run" else read_exported(export)[1]
     config = fine_tune_config(long_dataset, tmp_path, run if kind == "run" else export)
     torch.manual_seed(0)
     model = Transformer(config.model)
