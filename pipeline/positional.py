@@ -174,6 +174,16 @@ class PoPE(nn.Module):
             k2 = _polar_to_cartesian(magnitude(k.to(dtype)), key_angle)
         return q2.to(q.dtype), k2.to(k.dtype)
 
+    def fused_inputs(self, positions: torch.Tensor, seq_len: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the fused kernel (pipeline/kernels) needs to compute this encoding itself, in float32: positions
+        (1 or batch, seq), θ (head_dim,) and the clamped δ (n_heads, head_dim) or None. The clamp stays in autograd
+        here, so δ's gradient is masked outside [-2π, 0] exactly as in forward()."""
+        pos = _positions_4d(positions, seq_len, torch.float32)[:, 0, :, 0]
+        theta = self._theta.get(device, torch.float32)
+        delta = None if self.delta is None else self.delta.to(torch.float32).clamp(-TWO_PI, 0.0)
+        return pos, theta, delta
+
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, n_heads={self.n_heads}, base={self.base}, magnitude={self.magnitude}, "
                 f"delta={'none' if self.delta is None else self.delta_init}")
