@@ -162,7 +162,13 @@ class PoPE(nn.Module):
             else:
                 self.delta.zero_()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                fused_inputs: bool = False) -> tuple[torch.Tensor, ...]:
+        """(q2, k2): the 2·head_dim-wide Cartesian queries and keys. With fused_inputs, instead what the fused kernel
+        needs to compute them itself (see `fused_inputs`): asked through forward, not the method, so that hooks
+        around forward (ZeRO-3 gathering its shard of δ) run."""
+        if fused_inputs:
+            return self.fused_inputs(positions, q.shape[-2], q.device)
         dtype = _compute_dtype(q)
         magnitude = MAGNITUDES[self.magnitude]
         with torch.autocast(device_type=q.device.type, enabled=False):

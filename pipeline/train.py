@@ -11,7 +11,6 @@ exit with EXIT_STOPPED, ready to be resumed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from pipeline import distributed, init_from
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import Config, deep_merge, load_config, to_yaml
+from pipeline.config import Config, deep_merge, load_config, model_identity, to_yaml
 from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
                            open_dataset, windows_per_sample)
 from pipeline.distributed import DistEnv
@@ -204,7 +203,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     # Counted before DeepSpeed sees the model: ZeRO-3 partitions the parameters, leaving each rank a shard.
     num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
     # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
-    identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
+    identity = {"model": model_identity(config.model), "dataset": dataset.hash, "world_size": env.world_size,
                 "zero_stage": config.deepspeed.zero_stage,
                 "windows_per_sample": windows_per_sample(dataset, config.data), "init": init_from.identity(config)}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)

@@ -1,6 +1,6 @@
 """Fused kernels (Triton) and the rule for when the model uses them.
 
-`pope_attention` (pipeline/kernels/pope_attention.py) is imported lazily: Triton is optional (Linux, dev extra)
+`fused_pope_attention` (pipeline/kernels/pope_attention.py) imports its module lazily: Triton is optional (Linux, dev extra)
 and importing it decides, once, whether its kernels compile for a GPU or run in the CPU interpreter
 (TRITON_INTERPRET=1 at import time).
 """
@@ -44,8 +44,9 @@ def fused_unsupported(q: torch.Tensor, dropout_active: bool, allow_interpreter: 
     return None
 
 
-def pope_attention(*args, **kwargs) -> torch.Tensor:
-    """pipeline.kernels.pope_attention.pope_attention, importing Triton on first use."""
+def fused_pope_attention(*args, **kwargs) -> torch.Tensor:
+    """pipeline.kernels.pope_attention.pope_attention, importing Triton on first use. (Not named pope_attention:
+    importing the submodule of that name would replace this attribute of the package.)"""
     from pipeline.kernels.pope_attention import pope_attention as fused
 
     return fused(*args, **kwargs)
