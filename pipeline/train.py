@@ -114,6 +114,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # a client torch AdamW: no JIT-compiled optimizer op needed
+        **_bf16_zero_fp32_gradients(ds.precision, ds.zero_stage),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -125,6 +126,20 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
                          "pope-pretrain marks a checkpoint complete when save_checkpoint returns, so it needs the "
                          "default synchronous one")
     return merged
+
+
+def _bf16_zero_fp32_gradients(precision: str, zero_stage: int) -> dict[str, Any]:
+    """bf16 with ZeRO-2/3: accumulate micro-batch gradients and reduce them across processes in fp32.
+
+    DeepSpeed's defaults follow the model dtype, so with bf16 the default config (8 micro-batches per step) would
+    sum gradients in bf16 (8 significant bits) and all-reduce them in bf16. fp32 costs one fp32 gradient buffer
+    and twice the reduction traffic. Not for ZeRO-1, where DeepSpeed answers fp32 accumulation with another
+    optimizer wrapper (BF16_Optimizer) whose checkpoints existing ZeRO-1 runs could not resume from, nor ZeRO-0,
+    where it is not implemented; both keep DeepSpeed's defaults. deepspeed.extra can override either key.
+    """
+    if precision != "bf16" or zero_stage < 2:
+        return {}
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:
