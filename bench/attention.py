@@ -7,8 +7,8 @@ Each implementation takes raw q, k, v (batch, heads, L, head_dim) and δ, applie
 attention, and backpropagates a random output gradient; the three alternate rep by rep so they see the same machine
 state, and the median time is printed with the ratios to RoPE. Peak memory is what the encoding and attention
 allocate beyond the inputs: on CUDA torch.cuda.max_memory_allocated; on CPU (Linux) the peak resident set of a fresh
-process during one step, above its resident set before it (coarser: allocator slack, page granularity). RoPE uses SDPA's flash backend where it can
-(CUDA with fp16/bf16; the CPU flash kernel). The fused kernel needs a GPU: on CPU it would run in Triton's
+process during one step, above its resident set before it (coarser: allocator slack, page granularity). RoPE
+uses SDPA's flash backend where it can (CUDA with fp16/bf16; the CPU flash kernel). The fused kernel needs a GPU: on CPU it would run in Triton's
 interpreter, which is a correctness tool and not a benchmark, so it is reported as not run.
 """
 

@@ -46,15 +46,15 @@ def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> t
 
 
 def stage_tests(out: Path) -> tuple[str, str]:
-    code, text, secs = run([sys.executable, "-m", "pytest", "tests/test_pope_kernel.py", "-q", "-p", "no:cacheprovider"],
-                           out / "tests.log", 300)
+    cmd = [sys.executable, "-m", "pytest", "tests/test_pope_kernel.py", "-q", "-p", "no:cacheprovider"]
+    code, text, secs = run(cmd, out / "tests.log", 300)
     summary = re.findall(r"\d+ (?:passed|failed|skipped|error)", text)
     return ("ok" if code == 0 else f"FAILED ({code})"), f"{', '.join(summary) or 'no summary'}; {secs:.0f} s"
 
 
 def stage_attention(out: Path) -> tuple[str, str]:
-    code, text, secs = run([sys.executable, "bench/attention.py", "--device", "cuda", "--dtype", "bf16", "--reps", "10"],
-                           out / "attention.log", 240)
+    cmd = [sys.executable, "bench/attention.py", "--device", "cuda", "--dtype", "bf16", "--reps", "10"]
+    code, text, secs = run(cmd, out / "attention.log", 240)
     rows = [line.split() for line in text.splitlines() if re.match(r"\s*\d+\s+\d", line)]
     # columns: L, 3 times, 3 MiB, pope_sdpa/rope t, pope_fused/rope t, pope_sdpa/rope mem, pope_fused/rope mem
     detail = "; ".join(f"L={r[0]}: fused/RoPE time {r[8]}, mem {r[10]}" for r in rows if len(r) >= 11)
@@ -126,6 +126,7 @@ def main() -> int:
         print("gpu_check: no CUDA device here; this script checks the GPU path (on CPU run tests/test_pope_kernel.py "
               "and bench/attention.py directly)")
         return 2
+    os.environ["PYTHONPATH"] = str(ROOT)  # every process started here, also by conftest.kill_after_step, runs this tree
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}

@@ -1,7 +1,7 @@
 """Fused kernels (Triton) and the rule for when the model uses them.
 
-`fused_pope_attention` (pipeline/kernels/pope_attention.py) imports its module lazily: Triton is optional (Linux, dev extra)
-and importing it decides, once, whether its kernels compile for a GPU or run in the CPU interpreter
+`fused_pope_attention` (pipeline/kernels/pope_attention.py) imports its module lazily: Triton is optional
+(Linux, dev extra), and importing it decides, once, whether its kernels compile for a GPU or run in the CPU interpreter
 (TRITON_INTERPRET=1 at import time).
 """
 
