@@ -1,12 +1,15 @@
 """Training step time of PoPE against RoPE, side by side, and the data loader against what the model consumes.
 
     python bench/train_step.py [--sizes tiny,124m] [--steps 3] [--device cpu|cuda] [--dtype fp32|bf16]
+                               [--micro-batch N] [--attention-impl auto|sdpa|fused] [--peak-tflops X]
 
 For each size, a PoPE model and its RoPE twin (identical but for the position encoding) take alternating
 optimizer steps (forward, backward, AdamW) on the same random batch, so both see the same machine state; the
 median step time of each and their ratio are printed. The step is the model's own work in one process: DeepSpeed's
 wrapping adds the same cost to both. Then a StreamingDataLoader reads a dataset made by `prep_text` and its
 samples/s is compared with the samples/s the 124M model consumes. Goal on CPU: PoPE/RoPE step time <= 1.15.
+On a GPU each model's MFU is printed too: the model's training FLOPs per token (Transformer.flops_per_token) times
+tokens/s over the device's dense bf16 peak (pipeline/metrics.py, by device name, or --peak-tflops).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.metrics import detect_peak_tflops  # noqa: E402
 from pipeline.model import Transformer  # noqa: E402
 
 SIZES = {  # name: (model, micro-batch, seq_len)
@@ -32,12 +36,15 @@ SIZES = {  # name: (model, micro-batch, seq_len)
 }
 
 
-def step_times(size: str, steps: int, device: torch.device, dtype: torch.dtype) -> dict[str, list[float]]:
-    shape, batch, seq = SIZES[size]
+def step_times(size: str, steps: int, device: torch.device, dtype: torch.dtype, batch: int,
+               attention_impl: str) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Step times of PoPE and RoPE, and their (equal but for attention) training FLOPs per token."""
+    shape, _, seq = SIZES[size]
     models, optimizers = {}, {}
     for position in ("pope", "rope"):
         torch.manual_seed(0)
-        models[position] = Transformer(ModelConfig(**shape, position=position)).to(device)
+        impl = attention_impl if position == "pope" else "sdpa"
+        models[position] = Transformer(ModelConfig(**shape, position=position, attention_impl=impl)).to(device)
         optimizers[position] = torch.optim.AdamW(models[position].parameters(), lr=1e-4)
     tokens = torch.randint(0, shape["vocab_size"], (batch, seq + 1), device=device)
     times: dict[str, list[float]] = {"pope": [], "rope": []}
@@ -54,7 +61,7 @@ def step_times(size: str, steps: int, device: torch.device, dtype: torch.dtype) 
             _sync(device)
             if step:
                 times[position].append(time.perf_counter() - start)
-    return times
+    return times, {p: m.flops_per_token(seq) for p, m in models.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -98,20 +105,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--micro-batch", type=int, default=0, help="sequences per step (0: the size's default)")
+    parser.add_argument("--attention-impl", choices=["auto", "sdpa", "fused"], default="auto",
+                        help="PoPE's model.attention_impl (RoPE always uses sdpa)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="0: by device name (GPUs only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
+          f"PoPE attention_impl={args.attention_impl}")
+    peak = args.peak_tflops or (detect_peak_tflops() if device.type == "cuda" else 0.0)
     print(f"{'size':<6}{'batch x seq':>12}{'PoPE s/step':>13}{'RoPE s/step':>13}{'PoPE tok/s':>12}"
-          f"{'RoPE tok/s':>12}{'PoPE/RoPE':>11}")
+          f"{'RoPE tok/s':>12}{'PoPE/RoPE':>11}" + (f"{'PoPE MFU':>10}{'RoPE MFU':>10}" if peak else ""))
     consumed = None
     for size in args.sizes.split(","):
-        times = step_times(size, args.steps, device, dtype)
-        _, batch, seq = SIZES[size]
+        _, default_batch, seq = SIZES[size]
+        batch = args.micro_batch or default_batch
+        times, flops = step_times(size, args.steps, device, dtype, batch, args.attention_impl)
         pope, rope = statistics.median(times["pope"]), statistics.median(times["rope"])
+        mfu = (f"{flops['pope'] * batch * seq / pope / (peak * 1e12):>10.1%}"
+               f"{flops['rope'] * batch * seq / rope / (peak * 1e12):>10.1%}") if peak else ""
         print(f"{size:<6}{f'{batch} x {seq}':>12}{pope:>13.4f}{rope:>13.4f}{batch * seq / pope:>12,.0f}"
-              f"{batch * seq / rope:>12,.0f}{pope / rope:>11.3f}", flush=True)
+              f"{batch * seq / rope:>12,.0f}{pope / rope:>11.3f}{mfu}", flush=True)
         if size == "124m":
             consumed = batch / pope
     if consumed is not None:

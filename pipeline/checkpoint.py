@@ -24,7 +24,6 @@ them, or `--adopt-checkpoints` to mark them complete as they are and resume from
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed, safe_load
-from pipeline.config import model_config_from_dict
+from pipeline.config import model_config_from_dict, model_identity
 from pipeline.distributed import DistEnv
 
 MARKER = "COMPLETE.json"
@@ -301,7 +300,8 @@ class Checkpointer:
         stored = self.marker(step)["identity"]
         if isinstance(stored.get("model"), dict):
             # Model keys added since the checkpoint was written take their defaults, which is what it trained with.
-            stored["model"] = dataclasses.asdict(model_config_from_dict(stored["model"]))
+            # Checkpoints record model_identity (runtime keys such as attention_impl left out); older ones may not.
+            stored["model"] = model_identity(model_config_from_dict(stored["model"]))
         for key, value in self.identity.items():
             if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))

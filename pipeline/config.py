@@ -61,6 +61,10 @@ class ModelConfig:
     pope_magnitude: Literal["softplus", "relu", "identity"] = "softplus"  # PoPE's μ(x); the others are ablations
     pope_delta: Literal["learned", "none"] = "learned"  # none: no δ parameter, key phase s·θ (ablation)
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # How attention is computed, not what: sdpa (the reference: PoPE's 2·head_dim-wide q/k through SDPA) | fused
+    # (PoPE only: pipeline/kernels, Triton, CUDA; no attention dropout) | auto (fused on CUDA with Triton where it
+    # applies, sdpa otherwise). Not part of a run's identity: a run may resume or be evaluated with another.
+    attention_impl: Literal["auto", "sdpa", "fused"] = "auto"
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -455,6 +459,13 @@ def validate_model(m: ModelConfig) -> None:
            f"rope_half rotates head_dim/2 channels in pairs, so head dim must be divisible by 4; got {head_dim}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(m.position_base > 1.0, "model.position_base", "must be > 1")
+    if m.attention_impl == "fused":
+        _check(m.position == "pope", "model.attention_impl",
+               f"fused is a PoPE kernel; model.position={m.position} uses sdpa (set attention_impl to sdpa or auto)")
+        _check(head_dim >= 16 and head_dim & (head_dim - 1) == 0, "model.attention_impl",
+               f"fused needs a power-of-two head dim >= 16; got {head_dim} (use sdpa or auto)")
+        _check(m.dropout == 0.0, "model.attention_impl",
+               f"fused has no attention dropout; model.dropout={m.dropout} (set it to 0, or use sdpa or auto)")
     y = m.rope_scaling
     if y.type == "yarn":
         _check(m.position in ("rope", "rope_half"), "model.rope_scaling.type",
@@ -473,18 +484,29 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
 
 
 # Keys `pope eval length` and `pope generate` may change on a trained model: none changes a parameter's shape.
-MODEL_EVAL_OVERRIDES = ("model.rope_scaling.", "model.position_base")
+MODEL_EVAL_OVERRIDES = ("model.rope_scaling.", "model.position_base", "model.attention_impl")
+# Model keys that choose how, not what, the model computes: left out of a run's identity (model_identity).
+MODEL_RUNTIME_KEYS = ("attention_impl",)
+
+
+def model_identity(model: ModelConfig) -> dict[str, Any]:
+    """The model config as a run's checkpoints record and compare it: without MODEL_RUNTIME_KEYS, so a run can
+    resume with another attention implementation."""
+    data = dataclasses.asdict(model)
+    for key in MODEL_RUNTIME_KEYS:
+        data.pop(key, None)
+    return data
 
 
 def check_model_override_keys(overrides: Sequence[str]) -> None:
-    """Refuse, in one line, any override of a trained model other than model.rope_scaling.* and
-    model.position_base (the others would change the weights' shapes or meaning)."""
+    """Refuse, in one line, any override of a trained model other than model.rope_scaling.*, model.position_base
+    and model.attention_impl (the others would change the weights' shapes or meaning)."""
     for item in overrides:
         key = item.partition("=")[0].strip()
         if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
                    for allowed in MODEL_EVAL_OVERRIDES):
             raise ConfigError(f"override {item!r}: only model.rope_scaling.* and model.position_base can change "
-                              "on a trained model")
+                              "on a trained model (and model.attention_impl, which picks the attention kernel)")
 
 
 def apply_model_overrides(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:

@@ -31,11 +31,15 @@ _IMPORT = re.compile(r"^(\s*)from pipeline\.(\w+) import (.*)$")
 def shipped_source(module: str) -> str:
     """The source of pipeline/<module>.py as shipped: each `from pipeline.X import` made relative to X's copy.
 
-    The one exception is pipeline.config, which pipeline/model.py imports for annotations only (under
+    Two exceptions: `from pipeline import kernels` becomes `kernels = None` (the export runs the reference
+    attention, never the Triton kernel), and pipeline.config, which pipeline/model.py imports for annotations only (under
     TYPE_CHECKING); its copy points at the shipped config class instead, so the file still reads as typed."""
     lines = []
     path = Path(__file__).resolve().parent / f"{module}.py"
     for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line == "from pipeline import kernels":  # Triton kernels are not shipped: see hf_config
+            lines.append("kernels = None  # an export runs the reference attention (model.attention_impl: sdpa)")
+            continue
         match = _IMPORT.match(line)
         if match:
             indent, name, names = match.groups()
@@ -67,7 +71,10 @@ def hf_config(model: dict[str, Any], manifest: dict[str, Any] | None, record: di
     ids = {f"{name}_token_id": special.get(name) for name in ("bos", "eos", "pad") if special.get(name) is not None}
     return {"architectures": ["PopeForCausalLM"], "model_type": "pope",
             "auto_map": {"AutoConfig": CONFIG_CLASS, "AutoModelForCausalLM": MODEL_CLASS},
-            "torch_dtype": "float32", "tie_word_embeddings": True, **model, **ids, "pope_pretrain": record}
+            "torch_dtype": "float32", "tie_word_embeddings": True, **model,
+            # The fused Triton kernel (pipeline/kernels) is a training-time option that is not shipped; the
+            # reference attention computes the same logits.
+            "attention_impl": "sdpa", **ids, "pope_pretrain": record}
 
 
 def generation_config(manifest: dict[str, Any] | None) -> dict[str, Any]:

@@ -18,16 +18,28 @@ from typing import Any
 
 import torch
 
-# Dense bf16 peak of common accelerators (TFLOP/s), for MFU when logging.peak_tflops is 0.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense (not 2:4 sparse) bf16 tensor-core peak (TFLOP/s) by a fragment of the device name, for MFU when
+# logging.peak_tflops is 0; the first fragment found in the name wins, so variants come before their family.
+# NVIDIA's datasheets: H100 SXM 989, H100 PCIe 756 (its name says "PCIe"; the SXM part reads "H100 80GB HBM3"),
+# H200 SXM 989, A100 312 (SXM and PCIe alike). NVL variants: peak not confirmed here, so 0 (unknown): set
+# logging.peak_tflops rather than report MFU against the wrong peak.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 NVL", 0.0), ("H200 NVL", 0.0), ("H100 PCIE", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+    ("A10G", 125.0), ("L4", 121.0), ("V100", 125.0),
+)
+
+
+def peak_tflops_for(device_name: str) -> float:
+    """The dense bf16 peak of the GPU called `device_name` (case-insensitive), 0 when unknown."""
+    name = device_name.upper()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), 0.0)
 
 
 def detect_peak_tflops() -> float:
     """The bf16 peak of this process's GPU by name, 0 when unknown (CPU)."""
     if not torch.cuda.is_available():
         return 0.0
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), 0.0)
+    return peak_tflops_for(torch.cuda.get_device_name())
 
 
 class Metrics:

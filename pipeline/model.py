@@ -1,6 +1,7 @@
 """A decoder-only transformer with a pluggable position encoding (`model.position`, pipeline/positional.py).
 
-Pre-norm blocks with RMSNorm, causal self-attention through PyTorch's scaled_dot_product_attention, a 4x GELU MLP,
+Pre-norm blocks with RMSNorm, causal self-attention through PyTorch's scaled_dot_product_attention (or, for PoPE,
+the fused Triton kernel of pipeline/kernels: `model.attention_impl`), a 4x GELU MLP,
 dropout on embeddings, attention weights and residual branches, and a token embedding tied to the output head.
 Initialisation follows GPT-2: N(0, 0.02) everywhere, with the projections that write into the residual stream
 scaled down by 1/sqrt(2·n_layers) so the stream's variance does not grow with depth.
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.positional import ALiBi, LearnedPositions, SinusoidalPositions, Yarn, build_qk_encoding, qk_width
+from pipeline import kernels
+from pipeline.positional import (ALiBi, LearnedPositions, PoPE, SinusoidalPositions, Yarn, build_qk_encoding,
+                                 qk_width)
 
 if TYPE_CHECKING:  # annotations only: the model reads its config by attribute, so `pope export` can ship this file
     from pipeline.config import ModelConfig  # to Hugging Face with a config of its own (pipeline/hf_export.py)
@@ -165,11 +168,29 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attention_impl = cfg.attention_impl if isinstance(self.position, PoPE) else "sdpa"
+
+    def use_fused(self, q: torch.Tensor) -> bool:
+        """Fused PoPE attention (pipeline/kernels) for this call? `fused` insists (a one-line ValueError when it
+        cannot run), `auto` takes it on CUDA when it can, `sdpa` never. Decided per call because the device,
+        dtype and train/eval mode are only known here."""
+        if self.attention_impl == "sdpa":
+            return False
+        reason = kernels.fused_unsupported(q, self.training and self.dropout > 0,
+                                           allow_interpreter=self.attention_impl == "fused")
+        if reason is not None and self.attention_impl == "fused":
+            raise ValueError(f"model.attention_impl=fused cannot run: {reason}; use auto or sdpa")
+        return reason is None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = (t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(width, dim=2))
+        # The fused kernel encodes q and k itself; the KV-cache path (generation) stays on the reference.
+        if cache is None and self.use_fused(q):
+            pos, theta, delta = self.position(q, k, positions, fused_inputs=True)
+            y = kernels.fused_pope_attention(q, k, v, theta, delta, pos, self.scale, self.position.magnitude)
+            return self.resid_dropout(self.out(y.transpose(1, 2).reshape(batch, seq, width)))
         q, k = self.position(q, k, positions)
         if cache is None:
             bias = self.position.bias(positions, positions, q.dtype) if self.uses_alibi else None

@@ -162,7 +162,13 @@ class PoPE(nn.Module):
             else:
                 self.delta.zero_()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                fused_inputs: bool = False) -> tuple[torch.Tensor, ...]:
+        """(q2, k2): the 2·head_dim-wide Cartesian queries and keys. With fused_inputs, instead what the fused kernel
+        needs to compute them itself (see `fused_inputs`): asked through forward, not the method, so that hooks
+        around forward (ZeRO-3 gathering its shard of δ) run."""
+        if fused_inputs:
+            return self.fused_inputs(positions, q.shape[-2], q.device)
         dtype = _compute_dtype(q)
         magnitude = MAGNITUDES[self.magnitude]
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -173,6 +179,16 @@ class PoPE(nn.Module):
             q2 = _polar_to_cartesian(magnitude(q.to(dtype)), angle)
             k2 = _polar_to_cartesian(magnitude(k.to(dtype)), key_angle)
         return q2.to(q.dtype), k2.to(k.dtype)
+
+    def fused_inputs(self, positions: torch.Tensor, seq_len: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the fused kernel (pipeline/kernels) needs to compute this encoding itself, in float32: positions
+        (1 or batch, seq), θ (head_dim,) and the clamped δ (n_heads, head_dim) or None. The clamp stays in autograd
+        here, so δ's gradient is masked outside [-2π, 0] exactly as in forward()."""
+        pos = _positions_4d(positions, seq_len, torch.float32)[:, 0, :, 0]
+        theta = self._theta.get(device, torch.float32)
+        delta = None if self.delta is None else self.delta.to(torch.float32).clamp(-TWO_PI, 0.0)
+        return pos, theta, delta
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, n_heads={self.n_heads}, base={self.base}, magnitude={self.magnitude}, "

@@ -11,7 +11,6 @@ exit with EXIT_STOPPED, ready to be resumed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from pipeline import distributed, init_from
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import Config, deep_merge, load_config, to_yaml
+from pipeline.config import Config, deep_merge, load_config, model_identity, to_yaml
 from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
                            open_dataset, windows_per_sample)
 from pipeline.distributed import DistEnv
@@ -115,6 +114,7 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # a client torch AdamW: no JIT-compiled optimizer op needed
+        **_bf16_zero_fp32_gradients(ds.precision, ds.zero_stage),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -126,6 +126,20 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
                          "pope-pretrain marks a checkpoint complete when save_checkpoint returns, so it needs the "
                          "default synchronous one")
     return merged
+
+
+def _bf16_zero_fp32_gradients(precision: str, zero_stage: int) -> dict[str, Any]:
+    """bf16 with ZeRO-2/3: accumulate micro-batch gradients and reduce them across processes in fp32.
+
+    DeepSpeed's defaults follow the model dtype, so with bf16 the default config (8 micro-batches per step) would
+    sum gradients in bf16 (8 significant bits) and all-reduce them in bf16. fp32 costs one fp32 gradient buffer
+    and twice the reduction traffic. Not for ZeRO-1, where DeepSpeed answers fp32 accumulation with another
+    optimizer wrapper (BF16_Optimizer) whose checkpoints existing ZeRO-1 runs could not resume from, nor ZeRO-0,
+    where it is not implemented; both keep DeepSpeed's defaults. deepspeed.extra can override either key.
+    """
+    if precision != "bf16" or zero_stage < 2:
+        return {}
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:
@@ -204,7 +218,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     # Counted before DeepSpeed sees the model: ZeRO-3 partitions the parameters, leaving each rank a shard.
     num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
     # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
-    identity = {"model": dataclasses.asdict(config.model), "dataset": dataset.hash, "world_size": env.world_size,
+    identity = {"model": model_identity(config.model), "dataset": dataset.hash, "world_size": env.world_size,
                 "zero_stage": config.deepspeed.zero_stage,
                 "windows_per_sample": windows_per_sample(dataset, config.data), "init": init_from.identity(config)}
     checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)

@@ -136,3 +136,9 @@ def test_lr_schedule_and_deepspeed_config():
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True} and ds["bf16"]["enabled"]
     with pytest.raises(ValueError, match="not a multiple"):
         deepspeed_config(config, world_size=3)
+    # bf16 with ZeRO-2/3 accumulates and reduces gradients in fp32; ZeRO-0/1 and fp32 keep DeepSpeed's defaults
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    for overrides in (["deepspeed.zero_stage=1"], ["deepspeed.precision=fp32"]):
+        assert "data_types" not in deepspeed_config(apply_overrides(config, overrides), world_size=2)
+    kept = apply_overrides(config, ["deepspeed.extra={data_types: {grad_accum_dtype: bf16}}"])
+    assert deepspeed_config(kept, world_size=2)["data_types"] == {"grad_accum_dtype": "bf16"}
