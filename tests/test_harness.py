@@ -324,3 +324,32 @@ def test_cli_errors_are_one_line(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     assert main(["eval", "harness", str(run), "--tasks", "cbt_cn"]) == 2
     assert "pip install -e '.[eval]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hflm_on_the_export_matches_the_pope_class(run, tmp_path):
+    """lm-eval's own HFLM on `pope export`'s folder (transformers, trust_remote_code, the exported tokenizer.json)
+    gives the numbers of the `pope` class: per-request log-likelihoods (empty context included), rolling
+    log-likelihoods over several windows, and a multiple-choice task's acc, in a fresh interpreter."""
+    import subprocess
+
+    export = tmp_path / "export"
+    run_pope("export", str(run), "--out", str(export))
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"q": "the music", "choices": [" genome", " loss"], "gold": 0},
+                                              {"q": "a", "choices": [" query", " key", " head"], "gold": 2},
+                                              {"q": "", "choices": ["polar", "phase shard"], "gold": 1}])
+    task = local_task("mine", data, tmp_path / "cache", output_type="multiple_choice", doc_to_text="{{q}}",
+                      doc_to_choice="{{choices}}", doc_to_target="{{gold}}", target_delimiter="",
+                      metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}])
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "hflm_child.py"), str(export), str(tmp_path / "task.json"),
+                    str(out)], check=True, env=hf_env(tmp_path), cwd=tmp_path, timeout=600)
+    got = json.loads(out.read_text())
+    assert got["hf_class"] == "PopeForCausalLM"
+    hf, pope = got["hflm"], got["pope"]
+    assert [ll for ll, _ in hf["loglikelihood"]] == pytest.approx([ll for ll, _ in pope["loglikelihood"]], abs=1e-4)
+    assert [g for _, g in hf["loglikelihood"]] == [g for _, g in pope["loglikelihood"]]
+    assert hf["rolling"] == pytest.approx(pope["rolling"], abs=1e-4)
+    assert hf["task"]["acc,none"] == pytest.approx(pope["task"]["acc,none"])
+    assert hf["task"]["acc_norm,none"] == pytest.approx(pope["task"]["acc_norm,none"])
