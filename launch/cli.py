@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import re
 import sys
@@ -153,6 +154,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export(args.run, args.out, step=args.step)
     print(f"exported {args.run} to {out} (model.safetensors, model.json, config.yaml, tokenizer; config.json and the "
           "model code for transformers)")
+    note = json.loads((out / "model.json").read_text()).get("hf_tokenizer")
+    if note == "tokenizer.json":
+        print(f"AutoTokenizer.from_pretrained({str(out)!r}) loads the dataset's tokenizer (tokenizer.json)")
+    elif note:
+        print(f"no Hugging Face tokenizer: {note}")
     return 0
 
 

@@ -205,8 +205,10 @@ def test_trained_run_through_pope_export(text_dataset, tmp_path):
                               "schedule.warmup_steps=1", "eval.every=0", "checkpoint.every=2"))
     out = tmp_path / "export"
     proc = run_pope("export", str(tmp_path / "run"), "--out", str(out))
-    assert "config.json" in proc.stdout
+    assert "config.json" in proc.stdout and "AutoTokenizer.from_pretrained" in proc.stdout
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     info = json.loads((out / "model.json").read_text())
+    assert info["hf_tokenizer"] == "tokenizer.json"
     assert info["dataset_manifest_hash"] == manifest_hash(text_dataset)
     config = json.loads((out / "config.json").read_text())
     assert config["pope_pretrain"]["dataset_manifest_hash"] == manifest_hash(text_dataset)
