@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import (Config, ConfigError, ModelConfig, RopeScalingConfig, apply_model_overrides,
-                             model_config_from_dict, validate)
+                             model_config_from_dict, model_identity, validate)
 from pipeline.model import CausalSelfAttention, Transformer
 from pipeline.positional import POSITION_KINDS, ALiBi, RoPE, Yarn, alibi_slopes, build_qk_encoding
 
@@ -381,10 +381,10 @@ def test_old_model_records_load_with_defaults(tmp_path):
     folder = tmp_path / "checkpoints"
     (folder / tag_for(10)).mkdir(parents=True)
     (folder / tag_for(10) / MARKER).write_text(json.dumps({"identity": {"model": OLD_MODEL}}))
-    same = Checkpointer(folder, DistEnv(), 1, {"model": dataclasses.asdict(ModelConfig(**OLD_MODEL))})
+    same = Checkpointer(folder, DistEnv(), 1, {"model": model_identity(ModelConfig(**OLD_MODEL))})  # as train.py
     same.check_identity(10)  # the old record, filled with defaults, is this model
     for changed in ({"pope_delta": "none"}, {"d_model": 48}):
         other = Checkpointer(folder, DistEnv(), 1,
-                             {"model": dataclasses.asdict(ModelConfig(**{**OLD_MODEL, **changed}))})
+                             {"model": model_identity(ModelConfig(**{**OLD_MODEL, **changed}))})
         with pytest.raises(ValueError, match=f"model.{next(iter(changed))}"):
             other.check_identity(10)
