@@ -222,6 +222,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
         return 0
     from launch.repro.runner import Plan, run_local, submit_slurm
     from launch.repro.suites import get_suite, with_overrides
+    from launch.slurm import git_commit
     from pipeline.config import Config, apply_overrides
 
     if args.seeds < 1:
@@ -238,7 +239,8 @@ def cmd_repro(args: argparse.Namespace) -> int:
                 overrides=tuple(args.set), only=tuple(n for n in (args.settings or "").split(",") if n),
                 text=tuple(map(Path, args.text)) if args.text else None,
                 eval_text=tuple(map(Path, args.eval_text)) if args.eval_text else None,
-                command=shlex.join(["pope", "repro", *sys.argv[2:]]) if sys.argv[1:2] == ["repro"] else "")
+                command=shlex.join(["pope", "repro", *sys.argv[2:]]) if sys.argv[1:2] == ["repro"] else "",
+                git_commit=git_commit())
     plan.grid()  # an unknown --settings name fails here, in one line
     if args.text is not None and suite.name not in ("extrapolation", "ablations"):
         raise UsageError(f"--text is for the text suites (extrapolation, ablations), not {suite.name}")

@@ -51,6 +51,7 @@ class Plan:
     eval_text: tuple[Path, ...] | None = None
     only: tuple[str, ...] = ()  # --settings: a subset of the suite's settings (empty: all)
     command: str = ""  # as typed, for meta.json and RESULTS.md
+    git_commit: str = ""  # the code the suite started with (the checkout may move while it runs), for meta.json
     folders: dict = dataclasses.field(default_factory=dict)  # filled by prepare(): role -> prep folder
 
     @property

@@ -174,7 +174,8 @@ def write_summary(plan: Any, elapsed: float | None) -> list[Path]:
     if rows:
         files.append(plot(plan.suite, rows, out))
     meta = {"suite": plan.suite.name, "profile": plan.profile_name, "profile_note": plan.profile.note,
-            "seeds": plan.seeds, "command": plan.command, "machine": machine(), "git_commit": git_commit(),
+            "seeds": plan.seeds, "command": plan.command, "machine": machine(),
+            "git_commit": plan.git_commit or git_commit(),
             "date": time.strftime("%Y-%m-%d"), "runs_with_results": len(rows), "runs_in_grid": len(plan.grid()),
             "run_wall_s": round(sum(r.get("wall_s", 0.0) for r in rows), 1),
             "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
