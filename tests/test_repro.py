@@ -174,6 +174,9 @@ def test_verdict_rules():
         "not reproduced (within noise)"
     assert judge(lower, _rows({"pope": [0.70, 0.71, 0.72], "rope": [0.60, 0.61, 0.59]}, "test_nll"), "")[1] == \
         "not reproduced (opposite)"
+    # the other sign but inside the noise is noise, not the opposite finding
+    assert judge(lower, _rows({"pope": [0.56, 0.54, 0.58], "rope": [0.55, 0.53, 0.57]}, "test_nll"), "")[1] == \
+        "not reproduced (within noise)"
     assert judge(lower, _rows({"pope": [0.50, 0.51], "rope": [0.60, 0.61, 0.59]}, "test_nll"), "")[1] == \
         "not yet run"
     match = get_suite("indirect").claims[0]  # PoPE 94.82 ± 2.91

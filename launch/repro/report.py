@@ -4,8 +4,8 @@ Each suite gets its claims (launch/repro/suites.py) as rows: the paper's figure,
 a verdict and why. Verdict rules (also printed in RESULTS.md):
 
 - a comparison ("X lower/higher than Y") is **reproduced** when the gap has the paper's sign and exceeds twice the
-  larger of the two standard deviations over seeds; the same sign within that is *not reproduced (within noise)*,
-  the other sign *not reproduced (opposite)*;
+  larger of the two standard deviations over seeds; a gap of either sign within that is *not reproduced (within
+  noise)*, the other sign beyond it *not reproduced (opposite)*;
 - an absolute figure ("matches the paper") is **reproduced** when our mean lies within 2 × max(the paper's sd,
   ours) of the paper's (with no sd on either side: within 2 % of it);
 - "flat" is reproduced when |mean| is within the stated tolerance;
@@ -27,8 +27,8 @@ from launch.repro.summary import aggregate, mean_sd, read_summary, table_markdow
 MIN_SEEDS = 3
 
 RULES = ("**Verdicts.** A comparison (X lower/higher than Y) is *reproduced* when the gap has the paper's sign and "
-         "exceeds 2 × the larger of the two standard deviations over seeds; the same sign inside that is *not "
-         "reproduced (within noise)*, the other sign *not reproduced (opposite)*. An absolute figure is "
+         "exceeds 2 × the larger of the two standard deviations over seeds; a gap of either sign inside that is *not "
+         "reproduced (within noise)*, the other sign beyond it *not reproduced (opposite)*. An absolute figure is "
          "*reproduced* when our mean is within 2 × max(the paper's sd, ours) of the paper's (within 2 % when "
          f"neither has an sd). *Not yet run*: fewer than {MIN_SEEDS} seeds with results. Standard deviations are "
          "sample sds (n − 1) over seeds.")
@@ -53,9 +53,9 @@ def judge(claim: Claim, rows: list[dict[str, Any]], profile_note: str) -> tuple[
         noise = 2 * max(a[1] or 0.0, b[1] or 0.0)
         if gap > noise:
             return ours, "reproduced", f"gap {gap:.4f} > 2 sd = {noise:.4f}"
-        if gap > 0:
-            return ours, "not reproduced (within noise)", f"gap {gap:.4f} ≤ 2 sd = {noise:.4f}{suffix}"
-        return ours, "not reproduced (opposite)", f"gap {gap:.4f} has the other sign{suffix}"
+        if gap < -noise:
+            return ours, "not reproduced (opposite)", f"gap {gap:.4f} has the other sign, beyond 2 sd = {noise:.4f}{suffix}"
+        return ours, "not reproduced (within noise)", f"|gap {gap:.4f}| ≤ 2 sd = {noise:.4f}{suffix}"
     if claim.kind == "flat":
         if abs(a[0]) <= claim.tolerance:
             return ours, "reproduced", f"|{a[0]:.4f}| ≤ {claim.tolerance}"
