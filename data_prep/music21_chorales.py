@@ -23,13 +23,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from data_prep.atomic import atomic_write
 
 BUILDER_VERSION = 1
 SPLIT_SEED = 1234
@@ -141,11 +142,5 @@ def build_music21_json(path: Path, *, workers: int = 1, limit: int | None = None
     data: dict[str, Any] = {split: [steps[n] for n in members] for split, members in splits.items()}
     data.update(names=splits, dropped=dropped, source=source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-    except BaseException:  # a full disk, say: leave no half-written cache behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)  # atomic: a concurrent part reads the old file or the new one, never half of one
+    atomic_write(path, json.dumps(data, separators=(",", ":")) + "\n")  # a concurrent part reads old or new
     return data

@@ -51,6 +51,7 @@ from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
+from data_prep.atomic import atomic_write
 from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice
 from data_prep.shards import ShardWriter, already_done, file_stamp, input_record
 from data_prep.tokenizers.text import GPT2Tokenizer, SentencePieceTokenizer
@@ -664,7 +665,5 @@ def train_text_tokenizer(inputs: Sequence[Path], model_path: Path, *, vocab_size
     tokenizer = SentencePieceTokenizer.train(sentences, vocab_size, seed=seed, threads=workers or None)
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_suffix(".tmp")
-    tmp.write_bytes(tokenizer.model_proto)
-    os.replace(tmp, model_path)
+    atomic_write(model_path, tokenizer.model_proto)
     return model_path
