@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from data_prep import mds
+from data_prep.atomic import atomic_write
 from data_prep.contract import DONE, MANIFEST, REQUIRED_KEYS, TOKENIZER_DIR, read_manifest, token_dtype
 
 FORMAT_VERSION = 2  # 2: text chunks of 4 MiB, holdout by (file, document number)
@@ -163,12 +164,7 @@ class ShardWriter:
         self.out, self.corpus, self.args, self.tokenizer, self.seq_len = Path(out), corpus, args, tokenizer, seq_len
         self.compression, self.size_limit = compression, size_limit
         self.dtype = token_dtype(tokenizer.vocab_size)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        _remove_stale_temporaries(self.out)
-        try:
-            self.tmp.mkdir(parents=True)
-        except OSError as err:
-            raise _about_output(err, self.tmp, self.out) from None
+        self.tmp = _temporary_folder(self.out)
         self._writers: dict[str, Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -201,7 +197,8 @@ class ShardWriter:
         self.skipped.append({"file": str(file), "reason": reason})
 
     def publish(self, max_skip_fraction: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Close the splits, check the run, write manifest.json and DONE, rename into place. Returns the manifest."""
+        """Close the splits, check the run, then `publish_folder`: manifest.json, DONE, rename into place. Returns
+        the manifest."""
         for writer in self._writers.values():
             writer.finish()
         self._writers.clear()
@@ -229,10 +226,7 @@ class ShardWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        done = {"fingerprint": fingerprint(self.corpus, self.args), "created": manifest["created"]}
-        _fsync_write(self.tmp / DONE, json.dumps(done) + "\n")
-        _replace_dir(self.tmp, self.out)
+        publish_folder(self.tmp, self.out, manifest, fingerprint(self.corpus, self.args))
         return manifest
 
     def abort(self) -> None:
@@ -254,11 +248,24 @@ class ShardWriter:
             _about_output(exc, self.tmp, self.out)  # the error propagates, naming DIR rather than a removed file
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _temporary_folder(out: Path) -> Path:
+    """Create the hidden sibling `.NAME.tmp-HOST-PID` that a prep or merge of `out` writes into (after removing
+    those killed preps of `out` left on this host), named DIR in the error when it cannot be made."""
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    _remove_stale_temporaries(out)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise _about_output(err, tmp, out) from None
+    return tmp
+
+
+def publish_folder(tmp: Path, out: Path, manifest: dict[str, Any], done_fingerprint: str) -> None:
+    """The last step of every prep and merge: write manifest.json, then DONE (the fingerprint of the arguments and
+    the manifest's `created`), each atomically and fsynced, then rename the finished `tmp` to `out`."""
+    atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(tmp / DONE, json.dumps({"fingerprint": done_fingerprint, "created": manifest["created"]}) + "\n")
+    _replace_dir(tmp, out)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -337,12 +344,7 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
     if already_done(out, "merge", args, overwrite):
         return None
     first = manifests[0]
-    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    _remove_stale_temporaries(out)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:
-        raise _about_output(err, tmp, out) from None
+    tmp = _temporary_folder(out)
     try:
         if not any(c["samples"] for m in manifests for c in m["splits"].values()):
             raise ValueError(f"the {len(parts)} parts hold no sample at all; nothing to merge")
@@ -370,10 +372,7 @@ def merge_parts(out: Path, parts: Sequence[Path], overwrite: bool = False) -> di
         for key in ("stats",):
             if key in first:
                 manifest[key] = _sum_stats([m.get(key, {}) for m in manifests])
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync_write(tmp / DONE, json.dumps({"fingerprint": fingerprint("merge", args),
-                                             "created": manifest["created"]}) + "\n")
-        _replace_dir(tmp, out)
+        publish_folder(tmp, out, manifest, fingerprint("merge", args))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
