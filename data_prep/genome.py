@@ -23,7 +23,7 @@ from typing import IO, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from data_prep.contract import token_dtype
-from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice
+from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice, worker_tokenizer
 from data_prep.shards import ShardWriter, already_done, file_stamp, input_record
 from data_prep.tokenizers.dna import count_non_acgtn, dna_tokenizer
 
@@ -48,7 +48,6 @@ class BedRow(NamedTuple):
 class Unit(NamedTuple):
     """What a worker gets: intervals to tokenize, plus the items and skips they stand for (kept in order)."""
 
-    kind: str
     seq_len: int
     intervals: list[tuple[str, bytes]]  # (split, bases)
     items: int
@@ -85,12 +84,12 @@ def prep_genome(fasta: Path, out: Path, *, bed: Path | None, tokenizer: str, val
         splits = {**{n: "val" for n in val}, **{n: "test" for n in test}}
         # a FASTA without a single header still counts as one item, so shard 0 reports it
         mine = shard_slice(range(max(len(names), 1)), options.shard_index, options.num_shards)
-        units = _window_units(fasta, tokenizer, seq_len, window, splits, mine.start, mine.stop)
+        units = _window_units(fasta, seq_len, window, splits, mine.start, mine.stop)
     else:
         rank = {name: i for i, name in reversed(list(enumerate(names)))}  # first record of a name wins
         # malformed rows first, then by chromosome in FASTA order, unknown chromosomes last; file order within
         rows = sorted(read_bed(bed), key=lambda row: -1 if row.error else rank.get(row.chrom, len(rank)))
-        units = _bed_units(fasta, tokenizer, seq_len, shard_slice(rows, options.shard_index, options.num_shards))
+        units = _bed_units(fasta, seq_len, shard_slice(rows, options.shard_index, options.num_shards))
 
     with ShardWriter(out, corpus="genome", args=args, tokenizer=tok.info, seq_len=seq_len,
                      compression=options.compression) as writer:
@@ -102,7 +101,7 @@ def prep_genome(fasta: Path, out: Path, *, bed: Path | None, tokenizer: str, val
 
 def _work(unit: Unit) -> UnitResult:
     """Tokenize each interval, cut it into samples of seq_len+1 tokens, drop the samples made only of N."""
-    tok = dna_tokenizer(unit.kind)
+    tok = worker_tokenizer()
     dtype = token_dtype(tok.info.vocab_size)
     result = UnitResult(items=unit.items, skipped=list(unit.skipped))
     for split, bases in unit.intervals:
@@ -117,7 +116,7 @@ def _work(unit: Unit) -> UnitResult:
     return result
 
 
-def _window_units(fasta: Path, kind: str, seq_len: int, window: int, splits: dict[str, str], first: int,
+def _window_units(fasta: Path, seq_len: int, window: int, splits: dict[str, str], first: int,
                   stop: int) -> Iterator[Unit]:
     """Records first..stop-1 of the FASTA cut into windows of `window` bases, about UNIT_BASES to a unit (small
     records share one)."""
@@ -133,7 +132,7 @@ def _window_units(fasta: Path, kind: str, seq_len: int, window: int, splits: dic
                     intervals.append((split, seq[start:start + window]))
                     size += window
                     if size >= UNIT_BASES:
-                        yield Unit(kind, seq_len, intervals, items, [])
+                        yield Unit(seq_len, intervals, items, [])
                         intervals, size, items = [], 0, 0
             count += 1
             if count >= stop:
@@ -142,10 +141,10 @@ def _window_units(fasta: Path, kind: str, seq_len: int, window: int, splits: dic
         if first <= count < stop:  # the record that failed is this shard's to report
             items, skipped = items + 1, [(str(fasta), str(err))]
     if intervals or items:
-        yield Unit(kind, seq_len, intervals, items, skipped)
+        yield Unit(seq_len, intervals, items, skipped)
 
 
-def _bed_units(fasta: Path, kind: str, seq_len: int, rows: Sequence[BedRow]) -> Iterator[Unit]:
+def _bed_units(fasta: Path, seq_len: int, rows: Sequence[BedRow]) -> Iterator[Unit]:
     """The intervals of `rows`, chromosome by chromosome in FASTA order; malformed rows first, unknown ones last."""
     by_chrom: dict[str, list[BedRow]] = {}
     bad = [(row.where, row.error) for row in rows if row.error]
@@ -153,7 +152,7 @@ def _bed_units(fasta: Path, kind: str, seq_len: int, rows: Sequence[BedRow]) -> 
         if not row.error:
             by_chrom.setdefault(row.chrom, []).append(row)
     if bad:
-        yield Unit(kind, seq_len, [], len(bad), bad)
+        yield Unit(seq_len, [], len(bad), bad)
     failure = None
     try:
         for name, seq in read_fasta(fasta):
@@ -166,10 +165,10 @@ def _bed_units(fasta: Path, kind: str, seq_len: int, rows: Sequence[BedRow]) -> 
                 intervals.append((row.split, seq[row.start:row.end]))
                 size += row.end - row.start
                 if size >= UNIT_BASES:
-                    yield Unit(kind, seq_len, intervals, len(intervals) + len(skipped), skipped)
+                    yield Unit(seq_len, intervals, len(intervals) + len(skipped), skipped)
                     intervals, size, skipped = [], 0, []
             if intervals or skipped:
-                yield Unit(kind, seq_len, intervals, len(intervals) + len(skipped), skipped)
+                yield Unit(seq_len, intervals, len(intervals) + len(skipped), skipped)
             if not by_chrom:
                 break  # every interval found: the rest of the FASTA is not needed
     except FastaError as err:
@@ -178,7 +177,7 @@ def _bed_units(fasta: Path, kind: str, seq_len: int, rows: Sequence[BedRow]) -> 
              else f"chromosome {row.chrom!r} is not in {fasta.name}")
             for chrom_rows in by_chrom.values() for row in chrom_rows]
     if lost:
-        yield Unit(kind, seq_len, [], len(lost), lost)
+        yield Unit(seq_len, [], len(lost), lost)
 
 
 def read_bed(path: Path) -> list[BedRow]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.parallel import PrepOptions, UnitResult, run_units, shard_slice
+from data_prep.parallel import PrepOptions, UnitResult, run_units, shard_slice, worker_tokenizer
 from data_prep.shards import ShardWriter, already_done
 from data_prep.tokenizers.text import CharVocabTokenizer
 
@@ -39,7 +39,7 @@ def example(rng: np.random.Generator, min_len: int = 20, max_len: int = 40) -> s
 def _unit(unit: tuple[str, int, int, int]) -> UnitResult:
     split, index, count, seed = unit
     rng = np.random.default_rng([seed, ("train", "val", "test").index(split), index])
-    tokenizer = CharVocabTokenizer(VOCAB, kind="chars")
+    tokenizer = worker_tokenizer()
     samples = [np.concatenate(([tokenizer.info.bos], tokenizer.encode(example(rng)))) for _ in range(count)]
     result = UnitResult(items=count)
     result.add(split, samples)

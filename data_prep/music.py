@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice
+from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice, worker_tokenizer
 from data_prep.shards import ShardWriter, already_done, file_stamp, hash_file, input_record
 from data_prep.tokenizers.music import JSBTokenizer, REMITokenizer
 
@@ -88,7 +88,7 @@ def jsb_unit(unit: tuple[str, str, list, int]) -> UnitResult:
     try:
         if not isinstance(piece, list) or not all(isinstance(step, list) for step in piece):
             raise ValueError("a piece must be a list of time steps, each a list of pitches")
-        ids = JSBTokenizer().encode(piece)
+        ids = worker_tokenizer().encode(piece)
     except (ValueError, TypeError) as err:
         result.skipped.append((name, str(err)))
         return result
@@ -157,15 +157,6 @@ class MidiUnit:
     seq_len: int
 
 
-_REMI: REMITokenizer | None = None  # one per worker process, loaded from the saved file by init_remi
-
-
-def init_remi(path: str) -> None:
-    """Pool initializer: load the tokenizer the prep saved, so every worker encodes with exactly that one."""
-    global _REMI
-    _REMI = REMITokenizer.load(Path(path))
-
-
 def midi_unit(unit: MidiUnit) -> UnitResult:
     """Worker: one file → REMI samples of each of its versions, or a skip with the reason."""
     result = UnitResult(inputs=[input_record(Path(unit.path), unit.digest)])
@@ -176,7 +167,7 @@ def midi_unit(unit: MidiUnit) -> UnitResult:
         result.count("not_in_csv")
         return result
     result.items = 1
-    tokenizer = _REMI
+    tokenizer = worker_tokenizer()  # loaded from the file the prep saved, in every worker
     try:
         import symusic
 
@@ -309,11 +300,10 @@ def prep_midi(input: Path, out: Path, *, transpose: int = 3, seed: int = 1234, s
                         options.num_shards)
     with ShardWriter(out, corpus="midi", args=args, tokenizer=tokenizer.info, seq_len=seq_len,
                      compression=options.compression) as writer:
-        saved = writer.tokenizer_dir / tokenizer.save(writer.tokenizer_dir)
+        tokenizer.save(writer.tokenizer_dir)
         if table:
             writer.inputs.append(input_record(table))
-        stats = run_units(units, midi_unit, writer, options, total=len(units), initializer=init_remi,
-                          initargs=(str(saved),), desc="midi")
+        stats = run_units(units, midi_unit, writer, options, total=len(units), desc="midi")
         split_source = f"csv:{table.name}" if table else f"seeded {'/'.join(f'{f:g}' for f in SEEDED_FRACTIONS)}"
         return writer.publish(options.max_skip_fraction, extra={"stats": stats, "split_source": split_source,
                                                                 "transpose": transpose})

@@ -5,6 +5,10 @@ small picklable payload, and provides a worker function `unit → UnitResult` (r
 samples). The engine runs the workers in a pool with a bounded number of units in flight, and hands the results to
 the ShardWriter in input order, so the output does not depend on the number of workers. With one worker it runs in
 this process, with no pool at all.
+
+Every worker function gets the tokenizer the same way, from `worker_tokenizer()`: the engine loads it once per
+process from the writer's TokenizerInfo and the writer's tokenizer folder, as `load_tokenizer` loads a finished
+dataset's, so the workers encode with exactly the tokenizer the manifest records.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.contract import TOKENIZER_DIR
 from data_prep.lifetime import die_with_parent
 from data_prep.shards import ShardWriter
+from data_prep.tokenizers.base import Tokenizer, tokenizer_class
 
 T = TypeVar("T")
+_tokenizer: Tokenizer | None = None  # this process's copy of the running prep's tokenizer (see worker_tokenizer)
 
 
 @dataclasses.dataclass
@@ -83,11 +91,30 @@ def shard_slice(units: Sequence[T], shard_index: int, num_shards: int) -> Sequen
     return units[start:stop]
 
 
+def worker_tokenizer() -> Tokenizer:
+    """The running prep's tokenizer, in a worker function (built once per process by `run_units`)."""
+    if _tokenizer is None:
+        raise RuntimeError("worker_tokenizer() is only set while run_units runs")
+    return _tokenizer
+
+
+def _load_tokenizer(entry: dict[str, Any], tokenizer_dir: str | None) -> None:
+    """Build the tokenizer a manifest entry describes (its file, if any, read from `tokenizer_dir`) for this process."""
+    global _tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Hugging Face tokenizers (GPT-2): one thread a process
+    _tokenizer = tokenizer_class(entry["kind"]).from_manifest(entry, Path(tokenizer_dir) if tokenizer_dir else None)
+
+
 def run_units(units: Iterable[Any], work: Callable[[Any], UnitResult], writer: ShardWriter, options: PrepOptions,
-              *, total: int | None = None, initializer: Callable[..., None] | None = None,
-              initargs: tuple = (), desc: str = "prep", item: str = "file") -> dict[str, int]:
+              *, total: int | None = None, desc: str = "prep", item: str = "file") -> dict[str, int]:
     """Process every unit and write its results in order; return the summed corpus stats. `item` names a unit
-    on the progress bar."""
+    on the progress bar.
+
+    A file-backed tokenizer (SentencePiece, GPT-2, REMI) must be saved in `writer.tokenizer_dir` before this is
+    called: the workers load it from there (see `worker_tokenizer`)."""
+    global _tokenizer
+    saved = writer.tmp / TOKENIZER_DIR
+    recipe = (writer.tokenizer.manifest_entry(), str(saved) if saved.is_dir() else None)
     stats: dict[str, int] = {}
     bar = tqdm(total=total, desc=desc, unit=item, disable=not options.progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
@@ -109,27 +136,28 @@ def run_units(units: Iterable[Any], work: Callable[[Any], UnitResult], writer: S
                             f"{len(writer.skipped)} skipped", refresh=False)
 
     try:
+        # Here too with a pool: a tokenizer that cannot be loaded fails once, with its own message.
+        _load_tokenizer(*recipe)
         workers = options.resolved_workers
         if workers == 1:
-            if initializer is not None:
-                initializer(*initargs)
             for unit in units:
                 consume(work(unit))
         else:
-            _run_pool(units, work, consume, workers, initializer, initargs)
+            _run_pool(units, work, consume, workers, recipe)
     finally:
+        _tokenizer = None
         bar.close()
     return stats
 
 
 def _run_pool(units: Iterable[Any], work: Callable[[Any], UnitResult], consume: Callable[[UnitResult], None],
-              workers: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+              workers: int, recipe: tuple[dict[str, Any], str | None]) -> None:
     # fork keeps whatever the parent imported (torch, streaming's fallback) without re-importing it per worker.
     context = multiprocessing.get_context("fork")
     in_flight: deque[Future] = deque()
     limit = 2 * workers  # bounded: a slow unit does not let finished results pile up in memory
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
-                             initargs=(os.getpid(), initializer, initargs)) as pool:
+                             initargs=(os.getpid(), recipe)) as pool:
         for unit in units:
             in_flight.append(pool.submit(work, unit))
             while len(in_flight) >= limit:
@@ -138,11 +166,11 @@ def _run_pool(units: Iterable[Any], work: Callable[[Any], UnitResult], consume: 
             consume(in_flight.popleft().result())
 
 
-def _worker_start(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """First thing in a pool worker: die with the prep (a SIGKILLed prep leaves no worker behind), then set up."""
+def _worker_start(parent: int, recipe: tuple[dict[str, Any], str | None]) -> None:
+    """First thing in a pool worker: die with the prep (a SIGKILLed prep leaves no worker behind), then load the
+    prep's tokenizer."""
     die_with_parent(parent)
-    if initializer is not None:
-        initializer(*initargs)
+    _load_tokenizer(*recipe)
 
 
 def pack(tokens: np.ndarray, length: int) -> list[np.ndarray]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import heapq
@@ -52,7 +53,7 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from data_prep.atomic import atomic_write
-from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice
+from data_prep.parallel import PrepOptions, UnitResult, pack, run_units, shard_slice, worker_tokenizer
 from data_prep.shards import ShardWriter, already_done, file_stamp, input_record
 from data_prep.tokenizers.text import GPT2Tokenizer, SentencePieceTokenizer
 
@@ -485,17 +486,14 @@ def _json_text(line: bytes, text_field: str) -> str | tuple[str]:
 # ------------------------------------------------------------------------------------------------- the worker
 
 
-_STATE: dict[str, Any] = {}
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """What a worker needs besides the chunk and the tokenizer (sent along with each chunk: a few bytes)."""
 
-
-def _init_worker(tokenizer_kind: str, tokenizer_blob: bytes | str, config: dict[str, Any]) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-    _STATE["tokenizer"] = _tokenizer_from_blob(tokenizer_kind, tokenizer_blob)
-    _STATE.update(config)
-
-
-def _tokenizer_from_blob(kind: str, blob: bytes | str) -> SentencePieceTokenizer | GPT2Tokenizer:
-    return SentencePieceTokenizer(blob) if kind == "sentencepiece" else GPT2Tokenizer(blob)
+    seq_len: int
+    val_fraction: float
+    seed: int
+    text_field: str
 
 
 def in_validation(seed: int, file: str, index: int, fraction: float) -> bool:
@@ -504,13 +502,13 @@ def in_validation(seed: int, file: str, index: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def tokenize_chunk(chunk: Chunk) -> UnitResult:
-    """Read, tokenize and pack one chunk (runs in a worker; the tokenizer comes from _init_worker)."""
-    tokenizer, seq_len = _STATE["tokenizer"], _STATE["seq_len"]
+def tokenize_chunk(chunk: Chunk, config: ChunkConfig) -> UnitResult:
+    """Read, tokenize and pack one chunk (runs in a worker, with the prep's tokenizer from worker_tokenizer)."""
+    tokenizer = worker_tokenizer()
     result = UnitResult()
     kept: list[tuple[str, int, str]] = []
     try:
-        for file, number, label, text in chunk_documents(chunk, _STATE["text_field"]):
+        for file, number, label, text in chunk_documents(chunk, config.text_field):
             result.items += 1
             if isinstance(text, tuple):
                 result.skipped.append((label, text[0]))
@@ -524,12 +522,12 @@ def tokenize_chunk(chunk: Chunk) -> UnitResult:
     eos = tokenizer.info.eos
     streams: dict[str, list[int]] = {"train": [], "val": []}
     for (file, number, _), ids in zip(kept, tokenizer.encode_batch([text for _, _, text in kept])):
-        split = "val" if in_validation(_STATE["seed"], file, number, _STATE["val_fraction"]) else "train"
+        split = "val" if in_validation(config.seed, file, number, config.val_fraction) else "train"
         streams[split].extend(ids)  # list.extend runs at C speed; a per-token Python loop would not
         streams[split].append(eos)
     for split, stream in streams.items():
         if stream:
-            result.add(split, pack(np.array(stream, dtype=np.int32), seq_len + 1))
+            result.add(split, pack(np.array(stream, dtype=np.int32), config.seq_len + 1))
     result.count("documents", len(kept))
     return result
 
@@ -571,8 +569,7 @@ def prep_text(inputs: Sequence[Path], out: Path, *, tokenizer: str = "sentencepi
     if options.num_shards > 1:
         names = [u.name for u in iter_units(inputs, names_only=True)]  # shards slice units (files), not chunks
         wanted = set(shard_slice(names, options.shard_index, options.num_shards))
-    blob = tok.model_proto if isinstance(tok, SentencePieceTokenizer) else tok.tokenizer_json
-    config = {"seq_len": seq_len, "val_fraction": val_fraction, "seed": seed, "text_field": text_field}
+    config = ChunkConfig(seq_len=seq_len, val_fraction=val_fraction, seed=seed, text_field=text_field)
     with ShardWriter(out, corpus="text", args=args, tokenizer=tok.info, seq_len=seq_len,
                      compression=options.compression) as writer:
         tok.save(writer.tokenizer_dir)
@@ -587,8 +584,8 @@ def prep_text(inputs: Sequence[Path], out: Path, *, tokenizer: str = "sentencepi
                 sources.update(dict.fromkeys([unit.source] if unit.source else unit.paths))
                 yield from unit_chunks(unit, text_field)  # drawn lazily: at most 2×workers chunks in flight
 
-        stats = run_units(chunks(), tokenize_chunk, writer, options, initializer=_init_worker,
-                          initargs=(tokenizer, blob, config), desc="text", item="chunk")
+        stats = run_units(chunks(), functools.partial(tokenize_chunk, config=config), writer, options, desc="text",
+                          item="chunk")
         writer.inputs.extend(input_record(Path(p)) for p in sources)
         return writer.publish(options.max_skip_fraction, extra={"stats": stats})
 
