@@ -28,7 +28,7 @@ WHOLE_SEQ_LEN = 2047  # whole chorales: a sample holds 2,048 tokens, more than t
 def prepare(data_dir: Path, seq_len: int) -> tuple[Path, Path]:
     """(whole-piece folder, training-window folder): music21's chorales → JSB raster order, vocab 90. The second
     prep reads the chorale JSON the first one built, so both hold the same pieces in the same splits."""
-    from data_prep.music import prep_jsb
+    from data_prep.jsb import prep_jsb
     from data_prep.music21_chorales import cache_path
 
     whole, short = data_dir / "jsb-whole", data_dir / f"jsb-{seq_len}"

@@ -78,12 +78,12 @@ def cmd_genome(args: argparse.Namespace) -> int:
 def cmd_jsb(args: argparse.Namespace) -> int:
     if (args.input is None) == (not args.from_music21):
         raise ValueError("give exactly one of --input FILE.json and --from-music21")
-    return _run(args, "data_prep.music:prep_jsb", dict(
+    return _run(args, "data_prep.jsb:prep_jsb", dict(
         input=args.input.resolve() if args.input else None, from_music21=args.from_music21, seq_len=args.seq_len))
 
 
 def cmd_midi(args: argparse.Namespace) -> int:
-    return _run(args, "data_prep.music:prep_midi", dict(
+    return _run(args, "data_prep.midi:prep_midi", dict(
         input=args.input.resolve(), transpose=args.transpose, seed=args.seed, seq_len=args.seq_len))
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from data_prep.contract import TOKENIZER_DIR, read_manifest
+from data_prep.jsb import jsb_window, prep_jsb
 from data_prep.mds import read_split
-from data_prep.music import jsb_window, prep_jsb, prep_midi, seeded_split
+from data_prep.midi import prep_midi, seeded_split
 from data_prep.parallel import PrepOptions
 from data_prep.shards import merge_parts
 from data_prep.tokenizers import load_tokenizer

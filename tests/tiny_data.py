@@ -51,7 +51,7 @@ def build_genome(out: Path) -> Path:
 
 
 def build_jsb(out: Path) -> Path:
-    from data_prep.music import prep_jsb
+    from data_prep.jsb import prep_jsb
 
     rng = np.random.default_rng(0)
 
@@ -68,7 +68,7 @@ def build_jsb(out: Path) -> Path:
 
 
 def build_midi(out: Path) -> Path:
-    from data_prep.music import prep_midi
+    from data_prep.midi import prep_midi
 
     folder = out.parent / f"{out.name}-files"
     folder.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def prep_text_pair(data: Path, seq_len: int, vocab_size: int, text: Sequence[Pat
 
 
 def prep_jsb_data(data: Path, seq_len: int, music21_limit: int | None = None, workers: int = 0) -> Path:
-    from data_prep.music import prep_jsb
+    from data_prep.jsb import prep_jsb
 
     out = data / (f"jsb_{seq_len}" + (f"_first{music21_limit}" if music21_limit else ""))
     prep_jsb(None, out, from_music21=True, seq_len=seq_len, music21_limit=music21_limit,
