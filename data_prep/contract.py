@@ -24,7 +24,6 @@ import numpy as np
 MANIFEST = "manifest.json"
 DONE = "DONE"
 TOKENIZER_DIR = "tokenizer"
-SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("corpus", "args", "inputs", "seq_len", "tokenizer", "special_ids", "vocab_size", "dtype",
                  "splits", "skipped")
 
@@ -32,10 +31,6 @@ REQUIRED_KEYS = ("corpus", "args", "inputs", "seq_len", "tokenizer", "special_id
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def is_complete(folder: str | Path) -> bool:
-    return (Path(folder) / DONE).is_file() and (Path(folder) / MANIFEST).is_file()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
