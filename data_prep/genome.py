@@ -2,7 +2,7 @@
 
 With --bed (HyenaDNA's `chrom start end split` layout) every interval is tokenized whole and cut into consecutive
 samples of seq_len+1 tokens. Without it every record is cut into fixed windows of k·(seq_len+1) bases (k = 6 for
-6-mers, 1 for characters: the bases that make one full sample where there is no N; the Nucleotide Transformer also
+kmer6, 1 for char: the bases that make one full sample where there is no N; the Nucleotide Transformer also
 trains on ~6 kbp windows), each tokenized and cut the same way, and --val-chroms / --test-chroms hold whole records
 out. Windows rather than whole records keep a unit of work a few Mbp whatever the chromosome, so memory stays
 bounded and one chromosome spreads over every worker. Samples made only of N are dropped (counted in the stats).

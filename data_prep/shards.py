@@ -32,7 +32,7 @@ FORMAT_VERSION = 2  # 2: text chunks of 4 MiB, holdout by (file, document number
 class TokenizerInfo:
     """What the manifest records about a tokenizer."""
 
-    kind: str  # char, kmer6, jsb, sentencepiece, gpt2, remi
+    kind: str  # sentencepiece, gpt2, chars (indirect); kmer6, char (DNA); jsb, remi (music)
     vocab_size: int
     pad: int | None = None
     bos: int | None = None

@@ -120,7 +120,7 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
     _common(p, seq_len=1024)
     p.set_defaults(func=cmd_text)
 
-    p = corpora.add_parser("genome", help="FASTA (.fa/.fa.gz) + BED intervals → 6-mer or character tokens")
+    p = corpora.add_parser("genome", help="FASTA (.fa/.fa.gz) + BED intervals → kmer6 (6-mer) or char (base) tokens")
     p.add_argument("--fasta", type=Path, required=True)
     p.add_argument("--bed", type=Path, default=None, help="intervals `chrom start end split` (HyenaDNA layout)")
     p.add_argument("--tokenizer", choices=["kmer6", "char"], default="kmer6")

@@ -15,7 +15,7 @@ from data_prep.shards import TokenizerInfo
 _KINDS = {
     "sentencepiece": "data_prep.tokenizers.text:SentencePieceTokenizer",
     "gpt2": "data_prep.tokenizers.text:GPT2Tokenizer",
-    "chars": "data_prep.tokenizers.text:CharVocabTokenizer",
+    "chars": "data_prep.tokenizers.text:CharVocabTokenizer",  # indirect indexing; not DNA's "char"
     "kmer6": "data_prep.tokenizers.dna:Kmer6Tokenizer",
     "char": "data_prep.tokenizers.dna:CharTokenizer",
     "jsb": "data_prep.tokenizers.music:JSBTokenizer",

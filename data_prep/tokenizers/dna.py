@@ -1,4 +1,4 @@
-"""DNA tokenizers: Nucleotide Transformer 6-mers (vocab 4107) and single characters (vocab 11).
+"""DNA tokenizers: `kmer6`, the Nucleotide Transformer's 6-mers (vocab 4107), and `char`, one token a base (vocab 11).
 
 Both read bases case-insensitively (soft-masked lower case is upper-cased) and read every byte outside ACGT as N,
 so `decode(encode(s))` gives back `normalize(s)` exactly. Both work on whole numpy arrays: the human genome is
