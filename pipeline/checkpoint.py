@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_write as _atomic_write
 from pipeline import distributed, safe_load
 from pipeline.config import model_config_from_dict, model_identity
 from pipeline.distributed import DistEnv
@@ -54,15 +55,6 @@ def tag_for(step: int) -> str:
 def _step_of(path: Path) -> int | None:
     digits = path.name[len(PREFIX):]
     return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def hash_file(path: Path, chunk: int = 1 << 24) -> str:
