@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from data_prep.shm import SHM_NAMESPACE_ENV
 from pipeline.config import Config, SlurmConfig, load_config, to_dict
 
-if TYPE_CHECKING:  # imported where used: pipeline.run brings torch, which prep arrays and status do not need
+if TYPE_CHECKING:  # imported where used: pipeline.run brings torch, which prep job arrays do not need
     from pipeline.run import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
