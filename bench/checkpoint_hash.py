@@ -27,9 +27,10 @@ import torch  # noqa: E402
 from launch.local import free_port  # noqa: E402
 from pipeline import distributed  # noqa: E402
 from pipeline.checkpoint import Checkpointer, hash_file  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, model_identity  # noqa: E402
+from pipeline.engine import build_engine  # noqa: E402
 from pipeline.model import Transformer  # noqa: E402
-from pipeline.train import build_engine  # noqa: E402
+from pipeline.state import RunIdentity, TrainState  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +54,9 @@ def main() -> None:
     print(f"{args.config}: {model.num_params():,} parameters, ZeRO-{args.zero}, fp32, 1 process", flush=True)
     save_s, hash_s, verify_s = [], [], []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
-        checkpoints = Checkpointer(Path(tmp), env, keep_last=1, identity={})
+        identity = RunIdentity(model=model_identity(config.model), dataset="bench", world_size=1,
+                               zero_stage=args.zero, windows_per_sample=1, init=None)
+        checkpoints = Checkpointer(Path(tmp), env, keep_last=1, identity=identity)
         for step in range(1, args.repeats + 1):
             started = time.perf_counter()
             engine.save_checkpoint(tmp, tag=f"raw{step}", client_state={}, save_latest=False)
@@ -63,7 +66,7 @@ def main() -> None:
             for file in files:
                 hash_file(file)
             hash_s.append(time.perf_counter() - started)
-            path = checkpoints.save(engine, step, {"step": step})
+            path = checkpoints.save(engine, TrainState(step))
             started = time.perf_counter()
             assert checkpoints.damage(step) is None
             verify_s.append(time.perf_counter() - started)

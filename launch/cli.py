@@ -184,9 +184,10 @@ def cmd_tb(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from launch.local import free_port
+    from pipeline.run import RunFolder
 
     run = Path(args.run)
-    logdir = run / "tb" if (run / "tb").is_dir() else run
+    logdir = RunFolder(run).tb if RunFolder(run).tb.is_dir() else run
     if not logdir.is_dir():
         raise UsageError(f"{run} is neither a run folder nor a folder of runs")
     port = args.port or free_port()

@@ -19,6 +19,7 @@ from typing import Sequence
 from data_prep.parallel import PrepOptions
 from launch.local import launch_local
 from pipeline.config import Config, load_config
+from pipeline.run import RunFolder
 
 DEMO_CONFIGS = ("demo/jsb_pope", "demo/jsb_rope")
 MULTIPLES = (1, 2, 4, 8)  # evaluation lengths, in units of the training length
@@ -88,7 +89,7 @@ def run_demo(data_dir: Path, run_dir: Path, steps: int | None = None, fresh: boo
         if code != 0:
             print(f"pope demo: training {config.name} failed (exit {code})")
             return code
-        runs[config.model.position] = Path(config.run_dir) / config.name
+        runs[config.model.position] = RunFolder.of(config).path
         val[config.model.position] = evaluate_run(str(runs[config.model.position]))["val/loss"]
         print(f"   {config.name}: {time.monotonic() - started:.0f} s; validation NLL "
               f"{val[config.model.position]:.4f}", flush=True)

@@ -19,7 +19,8 @@ import time
 from data_prep.lifetime import die_with_parent
 from data_prep.shm import SHM_NAMESPACE_ENV, new_namespace, remove_dead_segments
 from pipeline.config import Config
-from pipeline.train import EXIT_STOPPED, prepare_run_dir
+from pipeline.run import prepare_run_dir
+from pipeline.stopping import EXIT_STOPPED
 
 GRACE_S = 5.0  # after a rank fails, how long the others get to fail by themselves before they are killed
 
@@ -44,9 +45,9 @@ def process_env(rank: int, nproc: int, port: int, namespace: str) -> dict[str, s
 
 def launch_local(config: Config, fresh: bool = False, adopt: bool = False) -> int:
     """Run the config's training with launch.nproc processes here; returns the exit code."""
-    folder = prepare_run_dir(config, fresh, adopt)
+    run = prepare_run_dir(config, fresh, adopt)
     nproc, port = config.launch.nproc, free_port()
-    command = [sys.executable, "-m", "pipeline.train", str(folder / "config.yaml")]
+    command = [sys.executable, "-m", "pipeline.train", str(run.config)]
     launcher, namespace = os.getpid(), new_namespace("L")
     procs = [subprocess.Popen(command, env=process_env(rank, nproc, port, namespace),
                               preexec_fn=lambda: die_with_parent(launcher)) for rank in range(nproc)]

@@ -23,13 +23,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from data_prep.shm import SHM_NAMESPACE_ENV
 from pipeline.config import Config, SlurmConfig, load_config, to_dict
 
-SUBMISSION = "submission.json"
-STATE = "slurm_state.json"
+if TYPE_CHECKING:  # imported where used: pipeline.run brings torch, which prep job arrays do not need
+    from pipeline.run import RunFolder
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -106,13 +107,16 @@ class TrainTask:
     max_requeues: int
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline import train
+        from pipeline.stopping import StopRequested, install_stop_handlers
 
-        train.install_stop_handlers()  # before anything slow: a USR2 must never reach submitit's own handler
+        install_stop_handlers()  # before anything slow: a USR2 must never reach submitit's own handler
+        from pipeline import train
+        from pipeline.run import RunFolder
+
         os.environ.update(task_environment())
         rank = int(os.environ["RANK"])
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        run = Path(self.config_path).parent
+        run = RunFolder(Path(self.config_path).parent)
         job_id = os.environ.get("SLURM_JOB_ID", "local")
         # Every task of this job (this incarnation) shares streaming's shared-memory namespace; no other job does.
         import submitit
@@ -124,7 +128,7 @@ class TrainTask:
             _write_state(run, job_id=job_id, restarts=restarts, state="running")
         try:
             result = train.main(load_config(self.config_path))
-        except train.StopRequested as stopped:
+        except StopRequested as stopped:
             # SIGUSR2 (time limit near, preemption notice) asks to continue; SIGTERM (scancel, or a preemption
             # that SLURM requeues by itself) only stops, with the checkpoint saved.
             requeue = stopped.requeue and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and \
@@ -160,8 +164,8 @@ def _wait_to_be_requeued(limit_s: float = 600) -> None:
     raise RuntimeError("the job was requeued but its processes were not stopped within 10 minutes")
 
 
-def _write_state(run: Path, **state: Any) -> None:
-    path = run / STATE
+def _write_state(run: RunFolder, **state: Any) -> None:
+    path = run.slurm_state
     previous = json.loads(path.read_text()) if path.exists() else {}
     record = {**previous, **state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = path.with_suffix(".tmp")
@@ -171,37 +175,37 @@ def _write_state(run: Path, **state: Any) -> None:
 
 def submit_training(config: Config, fresh: bool = False, wait: bool = False, adopt: bool = False) -> int:
     """`pope submit`: submit the config's training; print the job id and run folder."""
-    from pipeline.train import prepare_run_dir
-
+    from pipeline.config import resolve
     from pipeline.data import open_dataset
+    from pipeline.run import prepare_run_dir
 
     local = config.launch.executor == "local"
     if not local:
         require_slurm()
-    open_dataset(dataclasses.replace(config, model=dataclasses.replace(config.model)))  # fail now, not in the queue
+    resolve(config, open_dataset(config).manifest)  # fail now, not in the queue
     tasks = config.slurm.gpus_per_node or config.launch.nproc
     run = prepare_run_dir(config, fresh, adopt)
-    executor = make_executor(run / "slurm", config.slurm, tasks_per_node=tasks, local=local, name=config.name)
+    executor = make_executor(run.slurm_logs, config.slurm, tasks_per_node=tasks, local=local, name=config.name)
     try:
-        job = executor.submit(TrainTask(str(run / "config.yaml"), config.slurm.max_requeues))
+        job = executor.submit(TrainTask(str(run.config), config.slurm.max_requeues))
     except Exception as err:  # noqa: BLE001 - submitit's FailedJobError carries sbatch's own message
         raise ValueError(f"submission failed: {' '.join(str(err).split())[:500]}") from None
-    script = run / "slurm" / f"{job.job_id}_submission.sh"
+    script = run.slurm_logs / f"{job.job_id}_submission.sh"
     record = {"job_id": str(job.job_id), "executor": "local" if local else "slurm",
               "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
               "command": sys.argv, "nodes": config.slurm.nodes, "tasks_per_node": tasks,
               "sbatch_script": script.read_text() if script.exists() else None, "config": to_dict(config)}
-    (run / SUBMISSION).write_text(json.dumps(record, indent=1) + "\n")
+    run.submission.write_text(json.dumps(record, indent=1) + "\n")
     if script.exists():
-        shutil.copy2(script, run / "submission.sh")
-    print(f"submitted job {job.job_id} ({config.slurm.nodes} node(s) × {tasks} task(s)); run folder {run}")
-    print(f"follow it with `pope status {run}`; logs in {run / 'slurm'}/")
+        shutil.copy2(script, run.submission_script)
+    print(f"submitted job {job.job_id} ({config.slurm.nodes} node(s) × {tasks} task(s)); run folder {run.path}")
+    print(f"follow it with `pope status {run.path}`; logs in {run.slurm_logs}/")
     if not wait:
         return 0
     return wait_for_run(run, str(job.job_id), local_job=job if local else None)
 
 
-def wait_for_run(run: Path, job_id: str, local_job: Any = None, poll_s: float = 2.0) -> int:
+def wait_for_run(run: RunFolder, job_id: str, local_job: Any = None, poll_s: float = 2.0) -> int:
     """Block until the job has left the queue (a requeued job stays in it, pending); 0 when it completed."""
     while True:
         if local_job is not None:
@@ -239,29 +243,30 @@ def job_state(job_id: str, attempts: int = 5) -> str | None:
     raise ValueError(f"squeue keeps failing for job {job_id}: {error}")
 
 
-def _read_state(run: Path) -> dict[str, Any]:
-    path = run / STATE
+def _read_state(run: RunFolder) -> dict[str, Any]:
+    path = run.slurm_state
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _submission(run: Path) -> dict[str, Any]:
-    path = Path(run) / SUBMISSION
+def _submission(run: RunFolder) -> dict[str, Any]:
+    path = run.submission
     if not path.exists():
-        raise ValueError(f"{run} has no {SUBMISSION}: it was not started with `pope submit`")
+        raise ValueError(f"{run.path} has no {path.name}: it was not started with `pope submit`")
     return json.loads(path.read_text())
 
 
-def status(run: Path) -> str:
+def status(path: str | Path) -> str:
     """`pope status RUN`: job state, last step, last checkpoint, requeues."""
-    run = Path(run)
+    from pipeline.run import RunFolder
+
+    run = RunFolder(path)
     submission = _submission(run)
     job_id = submission["job_id"]
     state = _read_state(run)
     queue = job_state(job_id) if submission["executor"] == "slurm" else None
-    steps = _logged_steps(run / "metrics.jsonl")
-    latest = (run / "checkpoints" / "latest").read_text().strip() if (run / "checkpoints" / "latest").exists() \
-        else "none"
-    lines = [f"run        {run}",
+    steps = _logged_steps(run.metrics)
+    latest = run.latest.read_text().strip() if run.latest.exists() else "none"
+    lines = [f"run        {run.path}",
              f"job        {job_id} ({submission['executor']}), submitted {submission['submitted']}, "
              f"commit {submission['git_commit']}",
              f"state      {queue or state.get('state', 'not started')}" + (f" (in queue; last run: "
@@ -284,8 +289,10 @@ def _logged_steps(path: Path) -> list[int]:
     return steps
 
 
-def cancel(run: Path) -> str:
-    submission = _submission(Path(run))
+def cancel(run: str | Path) -> str:
+    from pipeline.run import RunFolder
+
+    submission = _submission(RunFolder(run))
     if submission["executor"] != "slurm":
         raise ValueError(f"{run} runs under submitit's local executor; stop it with Ctrl-C where it runs")
     require_slurm()

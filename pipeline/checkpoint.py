@@ -40,6 +40,7 @@ from data_prep.atomic import atomic_write as _atomic_write
 from pipeline import distributed, safe_load
 from pipeline.config import model_config_from_dict, model_identity
 from pipeline.distributed import DistEnv
+from pipeline.state import RunIdentity, TrainState
 
 MARKER = "COMPLETE.json"
 SAVING = "SAVING.json"
@@ -182,18 +183,23 @@ def verify_files(path: Path, names: list[str], listed: dict[str, Any]) -> str | 
 
 
 class Checkpointer:
-    """Saves and finds checkpoints of one run. `identity` is what a resume must match; `metadata` is recorded
-    beside it and not checked (where a fine-tune's weights came from); a resume carries the loaded checkpoint's
-    metadata on into its later saves."""
+    """Saves and finds checkpoints of one run. `identity` is what a resume must match (None: this Checkpointer
+    only finds, verifies and reads checkpoints, it cannot save); `metadata` is recorded beside it and not checked
+    (where a fine-tune's weights came from); a resume carries the loaded checkpoint's metadata on into its later
+    saves."""
 
-    def __init__(self, folder: Path, env: DistEnv, keep_last: int, identity: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, env: DistEnv, keep_last: int, identity: RunIdentity | None = None) -> None:
         self.folder, self.env, self.keep_last, self.identity = Path(folder), env, keep_last, identity
         self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
+    def save(self, engine: Any, state: TrainState) -> Path:
         """Collective: every rank calls it at the same step boundary."""
+        if self.identity is None:
+            raise ValueError("a Checkpointer without the run's identity cannot save: its checkpoints could not be "
+                             "checked on resume")
+        step = state.step
         tag = tag_for(step)
         path = self.folder / tag
         if path.exists() and not (path / MARKER).is_file() and not (path / SAVING).is_file():
@@ -210,7 +216,8 @@ class Checkpointer:
                 os.rename(staging, path)
         distributed.barrier(self.env)
         try:
-            engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+            engine.save_checkpoint(str(self.folder), tag=tag, client_state=state.to_client_state(),
+                                   save_latest=False)
             rng_file = path / f"rng_rank{self.env.rank:05d}.pt"
             torch.save(rng_state(), rng_file.with_suffix(".tmp"))
             os.replace(rng_file.with_suffix(".tmp"), rng_file)
@@ -225,7 +232,7 @@ class Checkpointer:
         shares = distributed.all_gather(mine, self.env)
         if self.env.is_main:
             files = {name: entry for share in shares for name, entry in share.items()}
-            marker = {"step": step, "identity": self.identity, "metadata": self.metadata,
+            marker = {"step": step, "identity": self.identity.to_dict(), "metadata": self.metadata,
                       "files": dict(sorted(files.items())), "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             try:
                 _atomic_write(path / MARKER, json.dumps(marker, indent=1) + "\n")
@@ -294,12 +301,13 @@ class Checkpointer:
             # Model keys added since the checkpoint was written take their defaults, which is what it trained with.
             # Checkpoints record model_identity (runtime keys such as attention_impl left out); older ones may not.
             stored["model"] = model_identity(model_config_from_dict(stored["model"]))
-        for key, value in self.identity.items():
+        current = self.identity.to_dict() if self.identity is not None else {}
+        for key, value in current.items():
             if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))
 
-    def load(self, engine: Any) -> dict[str, Any] | None:
-        """Load the newest usable checkpoint into `engine` and restore RNG; returns its client state, or None
+    def load(self, engine: Any) -> TrainState | None:
+        """Load the newest usable checkpoint into `engine` and restore RNG; returns its training state, or None
         when the run has no checkpoint. Checkpoints that exist but none of which loads are an error, not a
         reason to start over silently; so are checkpoint folders this program did not write."""
         steps = self.complete_steps()
@@ -339,7 +347,7 @@ class Checkpointer:
                 if not reasons:
                     set_rng_state(rng)
                     self.metadata = {**self.marker(step).get("metadata", {}), **self.metadata}
-                    return client_state
+                    return TrainState.from_client_state(client_state)
                 # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
                 # damage. Falling back would train over it and later prune it, so the run stops instead.
                 raise ValueError(f"cannot load {self.folder / tag_for(step)}, whose files are intact: {reasons[0]}")

@@ -12,9 +12,8 @@ closed set, the valid choices. This module imports no torch, so the CLI can vali
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,12 +278,6 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def config_hash(section: Any) -> str:
-    """A stable short hash of a config or one of its sections (used to refuse mismatched resumes)."""
-    payload = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     """Apply `section.key=value` strings (value read as YAML) and return a new Config."""
     data = to_dict(config)
@@ -475,6 +468,25 @@ def validate_model(m: ModelConfig) -> None:
                "must be >= 0 (0: model.max_seq_len)")
         _check(0.0 <= y.alpha < y.beta, "model.rope_scaling.alpha",
                f"({y.alpha}) must be >= 0 and below beta ({y.beta})")
+
+
+def resolve(config: Config, manifest: Mapping[str, Any]) -> Config:
+    """The config a run trains with on the prepared data described by `manifest` (data.path's manifest.json): a
+    copy with model.vocab_size taken from the data when it is 0, refused (one line) where the config and the data
+    disagree. Pure: `config` is left as it is. Everything that builds a model or a loader uses its result."""
+    path, vocab, prepared = Path(config.data.path), int(manifest["vocab_size"]), int(manifest["seq_len"])
+    resolved = copy.deepcopy(config)
+    if resolved.model.vocab_size == 0:
+        resolved.model.vocab_size = vocab
+    elif resolved.model.vocab_size != vocab:
+        raise ConfigError(f"model.vocab_size={resolved.model.vocab_size} but dataset {path} has a vocabulary of "
+                          f"{vocab} ({manifest['tokenizer']['kind']}); set model.vocab_size={vocab} (or 0 to follow "
+                          "the data)")
+    # data.seq_len <= model.max_seq_len is the config's own rule (validate); this one needs the data.
+    if resolved.data.seq_len > prepared:
+        raise ConfigError(f"data.seq_len={resolved.data.seq_len} exceeds the prepared seq_len {prepared} of {path}; "
+                          f"prepare again with --seq-len {resolved.data.seq_len} or lower data.seq_len")
+    return resolved
 
 
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:

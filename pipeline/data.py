@@ -64,21 +64,12 @@ class Dataset:
 
 
 def open_dataset(config: Config) -> Dataset:
-    """Read and check the dataset a config trains on; fill model.vocab_size when the config leaves it to data."""
+    """Read and check the dataset a config trains on (its manifest, its train split); `pipeline.config.resolve`
+    then fits the config to it."""
     if not config.data.path:
         raise ValueError("data.path is empty: point it at a `pope prep` output folder")
     path = Path(config.data.path)
-    manifest = read_manifest(path)
-    dataset = Dataset(path, manifest, manifest_hash(path))
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = dataset.vocab_size
-    elif config.model.vocab_size != dataset.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} but dataset {path} has a vocabulary of "
-                         f"{dataset.vocab_size} ({manifest['tokenizer']['kind']}); set model.vocab_size="
-                         f"{dataset.vocab_size} (or 0 to follow the data)")
-    if config.data.seq_len > int(manifest["seq_len"]):
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the prepared seq_len {manifest['seq_len']} "
-                         f"of {path}; prepare again with --seq-len {config.data.seq_len} or lower data.seq_len")
+    dataset = Dataset(path, read_manifest(path), manifest_hash(path))
     if not dataset.has_split(config.data.train_split):
         raise ValueError(f"dataset {path} has no '{config.data.train_split}' split")
     return dataset

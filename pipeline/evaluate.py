@@ -46,9 +46,11 @@ def evaluate_run(run: str, split: str = "val", max_batches: int = 0, data: str |
     (another prep folder, refused in one line unless made with the run's tokenizer), in this one process."""
     from pathlib import Path
 
-    from pipeline.data import make_loader, open_dataset
-    from pipeline.export import build_model, load_run
     from data_prep.contract import check_same_tokenizer
+    from pipeline.config import resolve
+    from pipeline.data import make_loader, open_dataset
+    from pipeline.export import build_model
+    from pipeline.run import load_run
 
     config, state, step = load_run(Path(run))
     if data is not None:
@@ -57,6 +59,7 @@ def evaluate_run(run: str, split: str = "val", max_batches: int = 0, data: str |
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config.model, state).to(device).eval()
     dataset = open_dataset(config)
+    config = resolve(config, dataset.manifest)  # the run's vocabulary must be this data's
     if not dataset.has_split(split):
         raise ValueError(f"dataset {dataset.path} has no '{split}' split")
     loader = make_loader(dataset, config.data, split, train=False)

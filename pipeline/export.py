@@ -1,4 +1,5 @@
-"""Weights out of a run: the newest checkpoint consolidated to one fp32 state dict, for evaluation and export.
+"""`pope export`: a run's newest checkpoint (consolidated to fp32 by pipeline/run.py's `load_run`) as a folder of
+its own, and reading such folders back.
 
 `pope export RUN --out DIR` writes
 - DIR/model.safetensors: fp32 weights (with ZeRO 1-3 DeepSpeed's fp32 master weights, with ZeRO-0 the module's,
@@ -13,13 +14,9 @@ Rebuild with `load_exported(DIR)`, which also reads exports of older versions (w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,60 +24,10 @@ import torch
 
 from data_prep.contract import MANIFEST, TOKENIZER_DIR, manifest_hash
 from data_prep.tokenizers.hf import write_hf_tokenizer
-from pipeline import safe_load
-from pipeline.checkpoint import MARKER, Checkpointer, tag_for
-from pipeline.config import (Config, ModelConfig, apply_model_overrides, load_config, model_config_from_dict,
-                             to_yaml)
-from pipeline.distributed import DistEnv
+from pipeline.config import Config, ModelConfig, apply_model_overrides, model_config_from_dict, to_yaml
 from pipeline.hf_export import WEIGHTS_PREFIX, write_hf_files
 from pipeline.model import Transformer
-
-
-def newest_checkpoint(run: Path) -> int:
-    """The newest checkpoint of a run whose files are intact (sizes and checksums); damaged ones are skipped."""
-    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=1, identity={})
-    for step in reversed(checkpoints.complete_steps()):
-        reason = checkpoints.damage(step)
-        if reason is None:
-            return step
-        warnings.warn(f"skipping damaged checkpoint {run / 'checkpoints' / tag_for(step)}: {reason}", stacklevel=2)
-    raise ValueError(f"{run} has no complete checkpoint (is it a run folder? train it first)")
-
-
-def load_run(run: str | Path, step: int | None = None) -> tuple[Config, dict[str, torch.Tensor], int]:
-    """(config, fp32 state dict, step) of a run's newest (or given) checkpoint, on CPU, any ZeRO stage.
-
-    The checkpoint's files are verified against their checksums and checked for code before anything loads them,
-    and every load in this process is weights-only (pipeline/safe_load.py)."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ValueError(f"{run} is not a run folder (no config.yaml)")
-    config = load_config(run / "config.yaml")
-    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=1, identity={})
-    if step is None:
-        step = newest_checkpoint(run)
-    elif step not in checkpoints.complete_steps():
-        raise ValueError(f"{run / 'checkpoints' / tag_for(step)} is not a complete checkpoint")
-    else:
-        reason = checkpoints.damage(step)
-        if reason is not None:
-            raise ValueError(f"{run / 'checkpoints' / tag_for(step)} is damaged: {reason}")
-    folder = run / "checkpoints" / tag_for(step)
-    safe_load.enforce()
-    checkpoints.check_safe(step)
-    if any(folder.glob("*optim_states.pt")) and config.deepspeed.zero_stage > 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its chatter
-            state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag_for(step))
-    else:  # ZeRO-0: the model states file holds the whole module
-        state = safe_load.load(folder / "mp_rank_00_model_states.pt")["module"]
-    state = {name: tensor.float() for name, tensor in state.items()}
-    identity = json.loads((folder / MARKER).read_text())["identity"]
-    if "model" in identity:
-        config.model = model_config_from_dict(identity["model"])  # the vocab size the run resolved from its data
-    return config, state, step
+from pipeline.run import RunFolder, load_run
 
 
 def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
@@ -91,23 +38,21 @@ def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Tr
     return model
 
 
-def trained_dataset_hash(run: Path, step: int) -> str | None:
+def trained_dataset_hash(run: RunFolder, step: int) -> str | None:
     """The manifest hash of the dataset the run trained on, as its checkpoint records it (None if older)."""
-    marker = json.loads((run / "checkpoints" / tag_for(step) / MARKER).read_text())
-    return marker.get("identity", {}).get("dataset")
+    return run.checkpointer().marker(step).get("identity", {}).get("dataset")
 
 
 def export(run: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Write the consolidated weights, config, tokenizer and Hugging Face files of a run to `out`."""
-    run = Path(run)
     config, state, step = load_run(run, step)
     build_model(config.model, state)  # refuse to export weights that do not load
-    trained_on = trained_dataset_hash(run, step)
+    trained_on = trained_dataset_hash(RunFolder(run), step)
     data = Path(config.data.path)
     if (data / MANIFEST).is_file() and trained_on is not None and manifest_hash(data) != trained_on:
         raise ValueError(f"the dataset at {data} changed since the run trained on it (manifest hash "
                          f"{manifest_hash(data)}, trained on {trained_on}): its tokenizer may not be the run's")
-    return write_export(out, config, state, step=step, run=str(run.resolve()), dataset_hash=trained_on)
+    return write_export(out, config, state, step=step, run=str(Path(run).resolve()), dataset_hash=trained_on)
 
 
 def write_export(out: str | Path, config: Config, state: dict[str, torch.Tensor], *, step: int, run: str,

@@ -166,7 +166,8 @@ def load_source(path: str | Path, device: torch.device | None = None, overrides:
     """A run folder (its newest intact checkpoint) or a `pope export` folder → model (fp32, eval) and tokenizer;
     `overrides` (model.rope_scaling.*, model.position_base) change the model's config, not its weights."""
     from pipeline.config import apply_model_overrides
-    from pipeline.export import build_model, is_export, load_exported, load_run
+    from pipeline.export import build_model, is_export, load_exported
+    from pipeline.run import RunFolder, load_run
 
     path = Path(path)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +183,7 @@ def load_source(path: str | Path, device: torch.device | None = None, overrides:
         data = _data_path_of_export(path)
         info = json.loads((path / "model.json").read_text())
         label = f"{path} (step {info.get('step')})"
-    elif (path / "config.yaml").is_file():
+    elif RunFolder(path).is_run():
         config, state, step = load_run(path)
         model = build_model(apply_model_overrides(config.model, overrides), state).eval()
         data = config.data.path

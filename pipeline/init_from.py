@@ -1,7 +1,7 @@
 """Starting a run from another run's weights: `init.from=RUN_OR_EXPORT` (`init.step=N` for a given checkpoint).
 
 The source is a run folder (its newest intact checkpoint, or checkpoint `init.step`, verified and loaded weights-only
-by pipeline/export.py's `load_run`: a damaged or untrusted checkpoint is refused there) or a `pope export` folder
+by pipeline/run.py's `load_run`: a damaged or untrusted checkpoint is refused there) or a `pope export` folder
 (safetensors). Its fp32 weights are copied into the freshly built model before DeepSpeed wraps it, so every ZeRO
 stage starts from them (ZeRO-3 partitions what it is given). The optimizer state, the step, the learning-rate
 schedule and the data position start fresh: it is a new run, with its own seq_len, schedule and data. Once the run
@@ -47,7 +47,8 @@ class Source:
 
 def read_source(path: str | Path, step: int = 0) -> Source:
     """A run folder's checkpoint (the newest intact one when step is 0) or an export folder's weights."""
-    from pipeline.export import is_export, load_run, read_exported
+    from pipeline.export import is_export, read_exported
+    from pipeline.run import RunFolder, load_run
 
     path = Path(path)
     if is_export(path):
@@ -56,7 +57,7 @@ def read_source(path: str | Path, step: int = 0) -> Source:
                              "weights); remove init.step")
         model, state, saved_step = read_exported(path)
         return Source(path, "export", saved_step, model, state, path)
-    if not (path / "config.yaml").is_file():
+    if not RunFolder(path).is_run():
         raise ValueError(f"init.from={path} is neither a run folder (config.yaml, checkpoints/) nor a `pope export` "
                          "folder (model.json, model.safetensors)")
     config, state, saved_step = load_run(path, step or None)

@@ -100,7 +100,8 @@ def load_eval_model(path: str | Path, overrides: Sequence[str] = ()) -> EvalMode
     """A run folder (newest intact checkpoint, verified and weights-only loaded) or a `pope export` folder, with
     `overrides` (model.rope_scaling.*, model.position_base) applied to its model config."""
     from pipeline.config import apply_model_overrides, load_config
-    from pipeline.export import build_model, is_export, load_exported, load_run
+    from pipeline.export import build_model, is_export, load_exported
+    from pipeline.run import load_run
 
     path = Path(path)
     if is_export(path):
@@ -374,8 +375,10 @@ def log_tensorboard(entries: Sequence[EvalModel], results: Sequence[LengthResult
     checkpoint's, not L: a resumed run purges events after its start step, which would drop steps L > start."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from pipeline.run import RunFolder
+
     for entry in entries:
-        writer = SummaryWriter(log_dir=str(entry.folder / "tb"))
+        writer = SummaryWriter(log_dir=str(RunFolder(entry.folder).tb))  # an export folder gets a tb/ alike
         try:
             for r in (r for r in results if r.run == entry.name):
                 writer.add_scalar(f"{entry.tag}/nll_L{r.length}", r.nll, entry.step)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.run import RunFolder
 
 # Dense (not 2:4 sparse) bf16 tensor-core peak (TFLOP/s) by a fragment of the device name, for MFU when
 # logging.peak_tflops is 0; the first fragment found in the name wins, so variants come before their family.
@@ -43,7 +44,9 @@ def detect_peak_tflops() -> float:
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int) -> None:
+    """RUN/tb and RUN/metrics.jsonl of a run (written by rank 0: `enabled`), from `start_step` on."""
+
+    def __init__(self, run: RunFolder, enabled: bool, tensorboard: bool, start_step: int) -> None:
         self.enabled = enabled
         self.writer = None
         self.log = None
@@ -51,8 +54,8 @@ class Metrics:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
-            self.log = open(run_dir / "metrics.jsonl", "a")
+                self.writer = SummaryWriter(log_dir=str(run.tb), purge_step=start_step + 1)
+            self.log = open(run.metrics, "a")
 
     def scalars(self, step: int, values: dict[str, float], to_tensorboard: bool = True) -> None:
         if not self.enabled:
@@ -110,10 +113,6 @@ class Metrics:
             fig.colorbar(image, ax=ax, label="δ (rad)")
             fig.tight_layout()
             self.writer.add_figure(tag, fig, step)  # closes the figure
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -2,197 +2,35 @@
 
     python -m pipeline.train RUN_DIR/config.yaml      (what the launchers run; `pope train` is the front door)
 
-One step = gradient accumulation over micro-batches, then one AdamW update through the DeepSpeed engine. Every
-step all ranks all-reduce [loss, target tokens, non-finite flag, stop flag] once: the loss is logged, a non-finite
-loss stops every rank before the update (so that state is never checkpointed), and a stop request (SIGUSR2 or
-SIGTERM on any rank, e.g. SLURM's warning before preemption) makes all ranks save one checkpoint together and
-exit with EXIT_STOPPED, ready to be resumed.
+One step = gradient accumulation over micro-batches, then one AdamW update through the DeepSpeed engine
+(pipeline/engine.py). Before every update all ranks agree on the loss, a non-finite loss and a stop request
+(pipeline/stopping.py): a non-finite loss stops every rank before the update, and a stop request (SIGUSR2 or
+SIGTERM on any rank) makes all ranks save one checkpoint together and exit with EXIT_STOPPED, ready to be resumed.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import shutil
-import signal
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from pipeline import distributed, init_from
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import Config, deep_merge, load_config, model_identity, to_yaml
+from pipeline.config import Config, load_config, model_identity, resolve
 from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
                            open_dataset, windows_per_sample)
 from pipeline.distributed import DistEnv
+from pipeline.engine import build_engine, grad_norm, lr_multiplier, reduced_grad_norm, set_lr
 from pipeline.evaluate import evaluate
 from pipeline.metrics import Metrics, Throughput, detect_peak_tflops
 from pipeline.model import Transformer
-
-EXIT_USER_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_STOPPED = 75  # checkpointed on request (preemption, time limit): run again to resume
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; nothing after the last checkpoint was saved."""
-
-
-class StopRequested(Exception):
-    """A stop signal arrived; a checkpoint was saved at `step`. `requeue`: the signal was SIGUSR2 (SLURM's
-    warning before a time limit, or a preemption notice), which asks to be continued; SIGTERM only stops."""
-
-    def __init__(self, step: int, requeue: bool) -> None:
-        super().__init__(f"stopped on request after step {step}; checkpoint saved, run again to resume")
-        self.step, self.requeue = step, requeue
-
-
-# -------------------------------------------------------------------------------------------- the run folder
-
-
-def run_dir(config: Config) -> Path:
-    return Path(config.run_dir) / config.name
-
-
-def prepare_run_dir(config: Config, fresh: bool = False, adopt: bool = False) -> Path:
-    """Create RUN (run_dir/name) and write the resolved config; with fresh, remove what an earlier run left; with
-    adopt, mark checkpoint folders this program did not write complete as they are (pipeline/checkpoint.py)."""
-    path = run_dir(config)
-    if fresh and adopt:
-        raise ValueError("--fresh and --adopt-checkpoints contradict each other: choose one")
-    if adopt:
-        from pipeline.checkpoint import adopt as adopt_checkpoints
-
-        for folder in adopt_checkpoints(path / "checkpoints"):
-            print(f"adopted {folder} as it is (checksums recorded now)", flush=True)
-    if fresh and path.exists():
-        for item in ("checkpoints", "tb", "metrics.jsonl", "train.log"):
-            target = path / item
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(config))
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- the engine
-
-
-def lr_multiplier(config: Config) -> Callable[[int], float]:
-    """Step k (0-based) → fraction of optim.lr: linear warmup to 1, then decay to min_lr_ratio at the last step."""
-    warmup, total, floor = config.schedule.warmup_steps, config.schedule.max_steps, config.schedule.min_lr_ratio
-    decay = config.schedule.decay
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-        if decay == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
-    d, ds = config.data, config.deepspeed
-    per_step = d.micro_batch_size * world_size
-    if d.batch_size % per_step:
-        raise ValueError(f"data.batch_size={d.batch_size} is not a multiple of data.micro_batch_size "
-                         f"({d.micro_batch_size}) × {world_size} processes; change one of them")
-    out: dict[str, Any] = {
-        "train_batch_size": d.batch_size,
-        "train_micro_batch_size_per_gpu": d.micro_batch_size,
-        "gradient_accumulation_steps": d.batch_size // per_step,
-        "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no JIT-compiled optimizer op needed
-        **_bf16_zero_fp32_gradients(ds.precision, ds.zero_stage),
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    merged = deep_merge(out, ds.extra)
-    writer = merged.get("checkpoint", {}).get("writer") if isinstance(merged.get("checkpoint"), dict) else None
-    if writer or merged.get("nebula", {}).get("enabled"):
-        # They write after save_checkpoint returns: COMPLETE.json would vouch for files still being written.
-        raise ValueError("deepspeed.extra selects an asynchronous checkpoint writer (checkpoint.writer or nebula); "
-                         "pope-pretrain marks a checkpoint complete when save_checkpoint returns, so it needs the "
-                         "default synchronous one")
-    return merged
-
-
-def _bf16_zero_fp32_gradients(precision: str, zero_stage: int) -> dict[str, Any]:
-    """bf16 with ZeRO-2/3: accumulate micro-batch gradients and reduce them across processes in fp32.
-
-    DeepSpeed's defaults follow the model dtype, so with bf16 the default config (8 micro-batches per step) would
-    sum gradients in bf16 (8 significant bits) and all-reduce them in bf16. fp32 costs one fp32 gradient buffer
-    and twice the reduction traffic. Not for ZeRO-1, where DeepSpeed answers fp32 accumulation with another
-    optimizer wrapper (BF16_Optimizer) whose checkpoints existing ZeRO-1 runs could not resume from, nor ZeRO-0,
-    where it is not implemented; both keep DeepSpeed's defaults. deepspeed.extra can override either key.
-    """
-    if precision != "bf16" or zero_stage < 2:
-        return {}
-    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
-
-
-def build_engine(model: Transformer, config: Config, env: DistEnv) -> tuple[Any, int]:
-    """The DeepSpeed engine around the model and a client AdamW; returns (engine, accumulation steps).
-
-    The learning rate is set by the loop before every step from `lr_multiplier(step)`, rather than by a stateful
-    scheduler inside the checkpoint: the schedule is a pure function of the step, and a resumed run follows the
-    config it is given (an edited optim.lr or schedule takes effect on resume).
-    """
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    o = config.optim
-    optimizer = torch.optim.AdamW(model.param_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    ds_config = deepspeed_config(config, env.world_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, ds_config["gradient_accumulation_steps"]
-
-
-def set_lr(engine: Any, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-# ------------------------------------------------------------------------------------------------- signals
-
-
-class StopFlag:
-    """Set by SIGUSR2 or SIGTERM; read (and all-reduced) at every step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.requeue = False  # SIGUSR2 seen: stop to be continued (SLURM requeues); SIGTERM alone only stops
-        self.installed = False
-
-    def install(self) -> "StopFlag":
-        if not self.installed:
-            for sig in (signal.SIGUSR2, signal.SIGTERM):
-                signal.signal(sig, self._handler)
-            self.installed = True
-        return self
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.requeue = self.requeue or signum == signal.SIGUSR2
-
-
-STOP = StopFlag()
-
-
-def install_stop_handlers() -> StopFlag:
-    """Catch SIGUSR2/SIGTERM from now on (idempotent); the SLURM task calls this first thing."""
-    return STOP.install()
+from pipeline.run import RunFolder
+from pipeline.state import RunIdentity, TrainState
+from pipeline.stopping import (EXIT_NONFINITE, EXIT_STOPPED, EXIT_USER_ERROR, NonFiniteLoss, StopRequested, agree,
+                               install_stop_handlers)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -208,20 +46,24 @@ def main(config: Config) -> dict[str, Any]:
 
 
 def train(config: Config, env: DistEnv) -> dict[str, Any]:
+    """Build the run `config` describes, resume it from its checkpoints if it has any, and train it to
+    schedule.max_steps; returns the last step, train and val loss, and tokens seen."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     stop = install_stop_handlers()
-    folder = run_dir(config)
-    say = _printer(folder, env)
+    run = RunFolder.of(config)
+    say = _printer(run, env)
     dataset = open_dataset(config)
+    config = resolve(config, dataset.manifest)  # the vocabulary from the data; seq_len checked against it
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = Transformer(config.model)
     # Counted before DeepSpeed sees the model: ZeRO-3 partitions the parameters, leaving each rank a shard.
     num_params, flops_per_token = model.num_params(), model.flops_per_token(config.data.seq_len)
     # The saved data position counts windows: another number per sample would point elsewhere in the epoch.
-    identity = {"model": model_identity(config.model), "dataset": dataset.hash, "world_size": env.world_size,
-                "zero_stage": config.deepspeed.zero_stage,
-                "windows_per_sample": windows_per_sample(dataset, config.data), "init": init_from.identity(config)}
-    checkpoints = Checkpointer(folder / "checkpoints", env, config.checkpoint.keep_last, identity)
+    identity = RunIdentity(model=model_identity(config.model), dataset=dataset.hash, world_size=env.world_size,
+                           zero_stage=config.deepspeed.zero_stage,
+                           windows_per_sample=windows_per_sample(dataset, config.data),
+                           init=init_from.identity(config))
+    checkpoints = Checkpointer(run.checkpoints, env, config.checkpoint.keep_last, identity)
     # init.from only starts a run: one with checkpoints resumes from them (or refuses, never starting over).
     if config.init.from_ and not checkpoints.complete_steps():
         record = init_from.init_weights(config, model)  # every rank, before DeepSpeed (ZeRO-3) partitions them
@@ -234,10 +76,10 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     make_batch = BatchMaker(config, dataset)
 
     step, tokens_seen = 0, 0
-    client = checkpoints.load(engine)
-    if client is not None:
-        step, tokens_seen = client["step"], client["tokens_seen"]
-        loader.load_state_dict(client["loader"])
+    resumed = checkpoints.load(engine)
+    if resumed is not None:
+        step, tokens_seen = resumed.step, resumed.tokens_seen
+        loader.load_state_dict(resumed.loader)
         say(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
     else:
         say(f"starting {config.name}: {num_params:,} parameters, {config.model.position} positions, "
@@ -246,7 +88,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     if env.is_main:  # reads only the shards' offset tables
         say(f"{config.data.train_split}: {count_windows(dataset, config.data, config.data.train_split).describe()}")
 
-    metrics = Metrics(folder, env.is_main, config.logging.tensorboard, start_step=step)
+    metrics = Metrics(run, env.is_main, config.logging.tensorboard, start_step=step)
     peak = config.logging.peak_tflops or detect_peak_tflops()
     val_loader = make_loader(dataset, config.data, config.data.val_split, train=False) \
         if dataset.has_split(config.data.val_split) else None
@@ -260,8 +102,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     tokens_per_step = config.data.batch_size * config.data.seq_len  # positions computed, padding included
 
     def save() -> None:
-        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
-        checkpoints.save(engine, step, state)
+        checkpoints.save(engine, TrainState(step, tokens_seen, loader.state_dict()))
 
     def validate() -> dict[str, float] | None:
         if val_loader is None:
@@ -288,35 +129,29 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                 engine.backward(loss)
                 loss_sum += loss.detach().float()
                 if micro == accum - 1:  # before the update: agree on the loss, non-finite, stop
-                    local = float(loss_sum)
-                    total, bad, stops, requeues = distributed.all_reduce_sum(
-                        [local, 0.0 if math.isfinite(local) else 1.0, 1.0 if stop.requested else 0.0,
-                         1.0 if stop.requeue else 0.0], env)
-                    if bad:
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped "
-                                            f"before the update, nothing after step {step} was saved")
-                    own_norm = _reduced_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
+                    agreed = agree(float(loss_sum), stop, env, step)
+                    own_norm = reduced_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
                 engine.step()
             step += 1
             tokens_seen += tokens_per_step
             throughput.add(tokens_per_step)
-            last_loss = total / (accum * env.world_size)
-            grad_norm = _grad_norm(engine, own_norm)
-            record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            last_loss = agreed.loss_sum / (accum * env.world_size)
+            norm = grad_norm(engine, own_norm)
+            record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": norm}
             log_now = step % config.logging.log_every == 0 or step == max_steps
             if log_now:
                 rate = throughput.report()
                 record["train/tokens_per_s"] = rate
                 if peak:
                     record["train/mfu"] = flops_per_token * rate / (peak * 1e12 * env.world_size)
-                say(f"step {step}/{max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                say(f"step {step}/{max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
                     f"{rate:,.0f} tok/s")
             metrics.scalars(step, record, to_tensorboard=log_now)
             if config.eval.every and step % config.eval.every == 0 and step < max_steps:
                 last_val = validate()
-            if stops:
+            if agreed.stop:
                 save()
-                raise StopRequested(step, requeue=bool(requeues))
+                raise StopRequested(step, requeue=agreed.requeue)
             if step % config.checkpoint.every == 0 or step == max_steps:
                 save()
         last_val = validate()  # the loop's own passes skip the last step, so this never repeats one
@@ -326,30 +161,13 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             "tokens_seen": tokens_seen}
 
 
-def _grad_norm(engine: Any, fallback: float | None) -> float:
-    """The global gradient norm before clipping: DeepSpeed's where its optimizer wrapper records one (ZeRO 1-3,
-    bf16/fp16), else `fallback` (ZeRO-0 with a client optimizer records none)."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan") if fallback is None else fallback
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def _reduced_grad_norm(engine: Any) -> float:
-    """L2 norm of the gradients at the accumulation boundary (ZeRO-0: already all-reduced, whole on every rank)."""
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return float("nan")
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def _printer(folder: Path, env: DistEnv) -> Callable[[str], None]:
+def _printer(run: RunFolder, env: DistEnv) -> Callable[[str], None]:
     """Rank 0 prints progress lines and appends them to RUN/train.log; other ranks stay quiet."""
     def say(message: str) -> None:
         if env.is_main:
             line = f"[{time.strftime('%H:%M:%S')}] {message}"
             print(line, flush=True)
-            with open(folder / "train.log", "a") as log:
+            with open(run.train_log, "a") as log:
                 log.write(line + "\n")
     return say
 

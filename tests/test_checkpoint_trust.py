@@ -60,7 +60,7 @@ def test_changed_in_place_at_same_size_falls_back(text_dataset, finished_run, tm
     resumed = run_pope(*args)
     assert "skipping damaged checkpoint" in resumed.stderr and "checksum mismatch" in resumed.stderr
     assert "resumed from step 2" in resumed.stdout
-    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=5, identity={})
+    checkpoints = Checkpointer(run / "checkpoints", DistEnv(), keep_last=5)
     assert checkpoints.complete_steps() == [2, 4, 6] and checkpoints.damage(4) is None  # step 4 saved anew
     export = run_pope("export", str(run), "--out", str(tmp_path / "export"))
     assert export.returncode == 0

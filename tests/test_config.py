@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launch.cli import main as pope_main
-from pipeline.config import (CONFIGS_DIR, Config, ConfigError, apply_overrides, from_dict, load_config,
+from pipeline.config import (CONFIGS_DIR, Config, ConfigError, apply_overrides, from_dict, load_config, resolve,
                              to_dict, to_yaml, validate)
 
 SHIPPED = [p for p in sorted(CONFIGS_DIR.rglob("*.yaml")) if not p.name.startswith("_")]
@@ -208,3 +208,20 @@ def test_run_names_that_leave_run_dir_are_refused(name, why, capsys):
 @pytest.mark.parametrize("name", ["run", "owt_124m_pope", "a.b", "x-1", "..a", "ümlaut"])
 def test_plain_run_names_are_accepted(name):
     validate(Config(name=name))
+
+
+def test_resolve_fills_the_vocabulary_in_a_copy_and_refuses_what_the_data_cannot_serve():
+    manifest = {"vocab_size": 320, "seq_len": 64, "tokenizer": {"kind": "sentencepiece"}}
+    config = apply_overrides(Config(), ["data.path=prepared", "model.vocab_size=0", "data.seq_len=64"])
+    before = to_dict(config)
+    resolved = resolve(config, manifest)
+    assert resolved.model.vocab_size == 320 and to_dict(config) == before  # pure: the given config is untouched
+    assert to_dict(resolved) == {**before, "model": {**before["model"], "vocab_size": 320}}
+    resolved.data.seq_len = 1  # the copy shares nothing with the original
+    assert config.data.seq_len == 64
+    assert resolve(apply_overrides(config, ["model.vocab_size=320"]), manifest).model.vocab_size == 320
+    with pytest.raises(ConfigError, match=r"model.vocab_size=50257 but dataset prepared has a vocabulary of 320 "
+                                          r"\(sentencepiece\); set model.vocab_size=320"):
+        resolve(apply_overrides(config, ["model.vocab_size=50257"]), manifest)
+    with pytest.raises(ConfigError, match="data.seq_len=128 exceeds the prepared seq_len 64 of prepared"):
+        resolve(apply_overrides(config, ["data.seq_len=128", "model.max_seq_len=128"]), manifest)

@@ -10,7 +10,7 @@ from data_prep.indirect import VOCAB, example, prep_indirect
 from data_prep.mds import read_split
 from data_prep.parallel import PrepOptions
 from data_prep.tokenizers import load_tokenizer
-from pipeline.config import Config, apply_overrides
+from pipeline.config import Config, apply_overrides, resolve
 from pipeline.data import BatchMaker, open_dataset
 from pipeline.model import IGNORE_INDEX
 
@@ -52,7 +52,8 @@ def test_indirect_is_deterministic_across_workers(indirect, tmp_path):
 def test_batch_maker_shifts_pads_and_masks(indirect):
     config = config_for(indirect, "data.seq_len=8")
     dataset = open_dataset(config)
-    assert config.model.vocab_size == 69  # filled from the manifest
+    resolved = resolve(config, dataset.manifest)
+    assert resolved.model.vocab_size == 69 and config.model.vocab_size == 0  # filled from the manifest, in a copy
     make = BatchMaker(config, dataset)
     inputs, targets = make([np.array([5, 6, 7]), np.arange(20, 40)])
     assert inputs.tolist()[0] == [5, 6] + [dataset.pad_id] * 6
@@ -63,11 +64,13 @@ def test_batch_maker_shifts_pads_and_masks(indirect):
     assert targets.tolist()[0] == [IGNORE_INDEX, 7] + [IGNORE_INDEX] * 6
 
 
-def test_open_dataset_refusals(indirect, tmp_path):
+def test_open_dataset_and_resolve_refusals(indirect, tmp_path):
     with pytest.raises(ValueError, match="model.vocab_size=50257 but dataset"):
-        open_dataset(apply_overrides(Config(), [f"data.path={indirect}"]))
+        config = apply_overrides(Config(), [f"data.path={indirect}"])
+        resolve(config, open_dataset(config).manifest)
     with pytest.raises(ValueError, match="exceeds the prepared seq_len 64"):
-        open_dataset(config_for(indirect, "data.seq_len=128", "model.max_seq_len=128"))
+        config = config_for(indirect, "data.seq_len=128", "model.max_seq_len=128")
+        resolve(config, open_dataset(config).manifest)
     (tmp_path / "half").mkdir()
     with pytest.raises(ValueError, match="no DONE marker"):
         open_dataset(config_for(tmp_path / "half"))

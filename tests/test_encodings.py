@@ -377,14 +377,18 @@ def test_old_model_records_load_with_defaults(tmp_path):
 
     from pipeline.checkpoint import MARKER, Checkpointer, tag_for
     from pipeline.distributed import DistEnv
+    from pipeline.state import RunIdentity
+
+    def identity(model: ModelConfig) -> RunIdentity:  # as train.py records it; the old record holds the model only
+        return RunIdentity(model=model_identity(model), dataset="d", world_size=1, zero_stage=2,
+                           windows_per_sample=1, init=None)
 
     folder = tmp_path / "checkpoints"
     (folder / tag_for(10)).mkdir(parents=True)
     (folder / tag_for(10) / MARKER).write_text(json.dumps({"identity": {"model": OLD_MODEL}}))
-    same = Checkpointer(folder, DistEnv(), 1, {"model": model_identity(ModelConfig(**OLD_MODEL))})  # as train.py
+    same = Checkpointer(folder, DistEnv(), 1, identity(ModelConfig(**OLD_MODEL)))
     same.check_identity(10)  # the old record, filled with defaults, is this model
     for changed in ({"pope_delta": "none"}, {"d_model": 48}):
-        other = Checkpointer(folder, DistEnv(), 1,
-                             {"model": model_identity(ModelConfig(**{**OLD_MODEL, **changed}))})
+        other = Checkpointer(folder, DistEnv(), 1, identity(ModelConfig(**{**OLD_MODEL, **changed})))
         with pytest.raises(ValueError, match=f"model.{next(iter(changed))}"):
             other.check_identity(10)

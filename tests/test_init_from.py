@@ -62,12 +62,12 @@ def fine_tune_args(data, run_dir, name, init, *extra):
 
 def fine_tune_config(data, tmp_path, init, *extra):
     config = load_config("tiny/owt_124m_pope", fine_tune_args(data, tmp_path, "ft", init, *extra)[2:])
-    config.model.vocab_size = 320  # what open_dataset resolves from the data
+    config.model.vocab_size = 320  # what pipeline.config.resolve takes from the data
     return config
 
 
 def source_weights(source_run):
-    from pipeline.export import load_run
+    from pipeline.run import load_run
 
     return load_run(source_run)[1]
 

@@ -79,7 +79,8 @@ def _direct(run: Path, data: Path, length: int, max_samples: int, **scaling) -> 
     import dataclasses
 
     from data_prep.mds import read_split
-    from pipeline.export import build_model, load_run
+    from pipeline.export import build_model
+    from pipeline.run import load_run
 
     config, state, _ = load_run(run)
     model_config = config.model

@@ -132,7 +132,7 @@ def test_pruning_keeps_good_checkpoints_and_drops_a_damaged_future(tmp_path):
     (folder / tag_for(600) / SAVING).write_text("{}")
     (folder / tag_for(700)).mkdir()  # a folder this program did not write: never pruned
     (folder / tag_for(700) / "weights.pt").write_bytes(b"theirs")
-    checkpoints = Checkpointer(folder, DistEnv(), keep_last=1, identity={})
+    checkpoints = Checkpointer(folder, DistEnv(), keep_last=1)
     (folder / tag_for(750)).mkdir()
     (folder / tag_for(750) / MARKER).write_text(_json.dumps({"step": 750, "identity": {}, "files": {}}))
     (folder / tag_for(750) / SAVING).write_text("{}")

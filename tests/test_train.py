@@ -10,7 +10,8 @@ import conftest
 from conftest import metrics, run_pope, tiny_train_args
 from pipeline.checkpoint import HASH, hash_file
 from pipeline.config import Config, apply_overrides
-from pipeline.train import EXIT_NONFINITE, deepspeed_config, lr_multiplier
+from pipeline.engine import deepspeed_config, lr_multiplier
+from pipeline.stopping import EXIT_NONFINITE
 
 pytestmark = pytest.mark.slow
 

@@ -126,10 +126,9 @@ def config_for(plan: Plan, setting: Setting, seed: int) -> Config:
 
 def training_done(folder: Path, max_steps: int) -> bool:
     """The checkpoint at max_steps is complete and its files intact (sizes and checksums)."""
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.distributed import DistEnv
+    from pipeline.run import RunFolder
 
-    checkpoints = Checkpointer(folder / "checkpoints", DistEnv(), keep_last=1, identity={})
+    checkpoints = RunFolder(folder).checkpointer()
     return max_steps in checkpoints.complete_steps() and checkpoints.damage(max_steps) is None
 
 
