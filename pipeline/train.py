@@ -23,11 +23,12 @@ from typing import Any, Callable
 
 import torch
 
+from data_prep.mds import TOKENS_COLUMN
 from pipeline import distributed, init_from
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import Checkpointer, reseed
 from pipeline.config import Config, deep_merge, load_config, model_identity, to_yaml
-from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
-                           open_dataset, windows_per_sample)
+from pipeline.data import (ID_KEY, BatchMaker, batches_forever, clean_stale_shared_memory, count_windows,
+                           make_loader, open_dataset, sample_digest, windows_per_sample)
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import evaluate
 from pipeline.metrics import Metrics, Throughput, detect_peak_tflops
@@ -227,6 +228,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
         record = init_from.init_weights(config, model)  # every rank, before DeepSpeed (ZeRO-3) partitions them
         checkpoints.metadata["init"] = record
         say(f"init: weights from {config.init.from_} step {record['step']} ({record['tensors']} tensors)")
+    resume = checkpoints.choose()  # before the engine: another world size converts the checkpoint first
     engine, accum = build_engine(model, config, env)
     torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     clean_stale_shared_memory(env)
@@ -234,11 +236,19 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     make_batch = BatchMaker(config, dataset)
 
     step, tokens_seen = 0, 0
-    client = checkpoints.load(engine)
-    if client is not None:
+    if resume is not None:
+        client = checkpoints.load(engine, resume)
         step, tokens_seen = client["step"], client["tokens_seen"]
+        # The data position is global (samples of the epoch consumed by all processes together), so with the
+        # same global batch the stream continues where it stopped on any number of processes.
         loader.load_state_dict(client["loader"])
         say(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+        if resume.resharded:
+            reseed(config.seed, step, env.rank)
+            how = f"converted to the universal checkpoint {resume.universal}" if resume.universal else \
+                "ZeRO-0 keeps the whole optimizer state in every process, no conversion needed"
+            say(f"world size changed: saved by {resume.saved_world_size} process(es), resumed on "
+                f"{resume.world_size}: {how}; each process's RNG (dropout) reseeded from (seed, step, rank)")
     else:
         say(f"starting {config.name}: {num_params:,} parameters, {config.model.position} positions, "
             f"{env.world_size} process(es), ZeRO-{config.deepspeed.zero_stage}, {config.deepspeed.precision}, "
@@ -281,9 +291,11 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=env.device)  # summed on the device: one sync per step, not per micro
             lr = config.optim.lr * schedule(step)
             set_lr(engine, lr)
+            step_ids: list[int] = []
             for micro in range(accum):
                 batch = next(batches)
-                inputs, targets = make_batch(batch["tokens"], step=step, micro=micro, rank=env.rank)
+                step_ids += batch[ID_KEY]
+                inputs, targets = make_batch(batch[TOKENS_COLUMN], step=step, ids=batch[ID_KEY])
                 _, loss = engine(inputs.to(env.device), targets.to(env.device))
                 engine.backward(loss)
                 loss_sum += loss.detach().float()
@@ -303,6 +315,9 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             last_loss = total / (accum * env.world_size)
             grad_norm = _grad_norm(engine, own_norm)
             record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            all_ids = [i for ids in distributed.all_gather(step_ids, env) for i in ids]  # a few hundred ints
+            if env.is_main:
+                record["data/sample_digest"] = sample_digest(all_ids)
             log_now = step % config.logging.log_every == 0 or step == max_steps
             if log_now:
                 rate = throughput.report()
