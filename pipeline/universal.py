@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 CONVERTED = "CONVERTED.json"
 
 
@@ -95,17 +97,31 @@ def remove_conversions(folder: Path, below: int, step_of: Any) -> None:
 
 @contextlib.contextmanager
 def loading_universal(engine: Any) -> Iterator[None]:
-    """DeepSpeed's `checkpoint.load_universal` switched on for the loads inside the block only.
+    """DeepSpeed's `checkpoint.load_universal` switched on for the loads inside the block only, and the optimizer's
+    param-group hyperparameters kept as the run set them up.
 
     The engine reads the switch when it loads (`engine.load_universal_checkpoint()`), and some of its save paths
-    read it too (ZeRO-3 would then write rank 0's states only, DeepSpeed #7546), so it is never left on."""
+    read it too (ZeRO-3 would then write rank 0's states only, DeepSpeed #7546), so it is never left on. ZeRO-3's
+    universal load copies the first param group's hyperparameters onto every group, which would give the
+    no-decay group (norms, biases, δ) weight decay (their weights 3e-6 off after one step, measured).
+    The groups' settings are the config's, so they are put back after the load (the learning rate is set every
+    step anyway). ZeRO-3's load also gives every group's state one and the same `step` tensor, which torch's AdamW
+    increments in place, once per group: the second group's bias correction would run a step ahead (3e-5 off after
+    one step, measured). Each state gets its own copy."""
     config = engine._config  # noqa: SLF001 - DeepSpeed exposes no setter; the getter reads this attribute
     before = config.load_universal_checkpoint
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     config.load_universal_checkpoint = True
     try:
         yield
     finally:
         config.load_universal_checkpoint = before
+    for group, settings in zip(engine.optimizer.param_groups, groups):
+        group.update(settings)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the client AdamW inside ZeRO's wrapper
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _main(argv: list[str]) -> int:
