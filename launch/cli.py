@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the job has finished, through requeues")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="job state, last step, last checkpoint and requeues of a submitted run")
+    p = sub.add_parser("status", help="a run's job state, last step, checkpoint, requeues and processes (world-size "
+                                       "changes included)")
     p.add_argument("run", help="the run folder")
     p.set_defaults(func=cmd_status)
 

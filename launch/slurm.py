@@ -256,26 +256,47 @@ def _submission(run: RunFolder) -> dict[str, Any]:
 
 
 def status(path: str | Path) -> str:
-    """`pope status RUN`: job state, last step, last checkpoint, requeues."""
+    """`pope status RUN`: job state (of a submitted run), last step, last checkpoint, requeues, and the number of
+    processes the newest checkpoint was saved by, with every change of it the run went through."""
     from pipeline.run import RunFolder
 
     run = RunFolder(path)
-    submission = _submission(run)
-    job_id = submission["job_id"]
+    if not run.submission.exists() and not run.config.is_file():
+        raise ValueError(f"{run.path} is not a run folder (no config.yaml)")
+    submission = _submission(run) if run.submission.exists() else None
     state = _read_state(run)
-    queue = job_state(job_id) if submission["executor"] == "slurm" else None
+    queue = job_state(submission["job_id"]) if submission and submission["executor"] == "slurm" else None
     steps = _logged_steps(run.metrics)
     latest = run.latest.read_text().strip() if run.latest.exists() else "none"
-    lines = [f"run        {run.path}",
-             f"job        {job_id} ({submission['executor']}), submitted {submission['submitted']}, "
-             f"commit {submission['git_commit']}",
-             f"state      {queue or state.get('state', 'not started')}" + (f" (in queue; last run: "
-                                                                            f"{state.get('state')})" if queue and
-                                                                           state else ""),
-             f"last step  {max(steps) if steps else 'none'}",
-             f"checkpoint {latest}",
-             f"requeues   {state.get('restarts', 0)}"]
+    lines = [f"run        {run.path}"]
+    if submission is not None:
+        lines += [f"job        {submission['job_id']} ({submission['executor']}), submitted "
+                  f"{submission['submitted']}, commit {submission['git_commit']}",
+                  f"state      {queue or state.get('state', 'not started')}" +
+                  (f" (in queue; last run: {state.get('state')})" if queue and state else "")]
+    else:
+        lines.append("job        none (trained with `pope train`, not submitted)")
+    lines += [f"last step  {max(steps) if steps else 'none'}", f"checkpoint {latest}"]
+    if submission is not None:
+        lines.append(f"requeues   {state.get('restarts', 0)}")
+    lines += _process_lines(run.checkpoints)
     return "\n".join(lines)
+
+
+def _process_lines(checkpoints: Path) -> list[str]:
+    """The newest checkpoint's number of processes and ZeRO stage, and the world-size changes it went through."""
+    from pipeline.checkpoint import newest_marker
+
+    marker = newest_marker(checkpoints)
+    if marker is None:
+        return []
+    identity = marker.get("identity", {})
+    lines = [f"processes  {identity.get('world_size', '?')} (ZeRO-{identity.get('zero_stage', '?')})"]
+    for change in marker.get("metadata", {}).get("resharded", []):
+        how = "through a universal checkpoint" if change.get("universal") else "ZeRO-0, no conversion"
+        lines.append(f"resharded  at step {change['step']}: {change['from_world_size']} → "
+                     f"{change['to_world_size']} processes ({how})")
+    return lines
 
 
 def _logged_steps(path: Path) -> list[int]:

@@ -13,8 +13,9 @@ On start the newest checkpoint whose COMPLETE.json is present and whose files al
 checksums is loaded; a damaged newer one (missing, truncated, or changed in place) is skipped with a warning.
 Before DeepSpeed reads a file, pipeline/safe_load.py checks that it holds no code, and the whole process loads
 with torch's weights-only unpickler: a planted payload is refused in one line, never run. A checkpoint of another
-model config or dataset is refused, and so is a different world size (ZeRO partitions the optimizer state by
-rank); convert with DeepSpeed's universal checkpoint tools, or start a new run from exported weights.
+model config, dataset or ZeRO stage is refused. One saved by another number of processes is resumed: ZeRO 1-3
+through a universal checkpoint that pipeline/universal.py converts it to (RUN/universal/stepNNNNNNNN; the
+original is only read), ZeRO-0 as it is; each process's RNG state cannot carry over and is reseeded (`reseed`).
 
 What a run may delete: only folders this program wrote (COMPLETE.json or SAVING.json). Checkpoint folders it did
 not write (copied in, written by another tool or by a version without markers) are never deleted or overwritten;
@@ -24,6 +25,7 @@ them, or `--adopt-checkpoints` to mark them complete as they are and resume from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -41,6 +43,7 @@ from pipeline import distributed, safe_load
 from pipeline.config import model_config_from_dict, model_identity
 from pipeline.distributed import DistEnv
 from pipeline.state import RunIdentity, TrainState
+from pipeline.universal import convert, loading_universal, needs_conversion, remove_conversions
 
 MARKER = "COMPLETE.json"
 SAVING = "SAVING.json"
@@ -94,6 +97,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed this process's python, numpy and torch RNGs from (seed, step, rank): a resume on another number of
+    processes, whose saved RNG states belong to ranks that may no longer exist."""
+    key = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    value = int(key[0]) << 32 | int(key[1])
+    random.seed(value)
+    np.random.seed(int(key[0]))
+    torch.manual_seed(value)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
@@ -111,6 +124,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- what is in a folder
+
+
+def newest_marker(folder: Path) -> dict[str, Any] | None:
+    """The COMPLETE.json of the newest complete checkpoint under `folder` (RUN/checkpoints), unverified; None when
+    there is none. For reports (`pope status`); loading verifies."""
+    steps = sorted(s for s in (_step_of(p) for p in Path(folder).glob(f"{PREFIX}*") if (p / MARKER).is_file())
+                   if s is not None)
+    for step in reversed(steps):
+        try:
+            return json.loads((Path(folder) / tag_for(step) / MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class CheckpointWriteError(OSError):
@@ -188,8 +214,11 @@ class Checkpointer:
     (where a fine-tune's weights came from); a resume carries the loaded checkpoint's metadata on into its later
     saves."""
 
-    def __init__(self, folder: Path, env: DistEnv, keep_last: int, identity: RunIdentity | None = None) -> None:
+    def __init__(self, folder: Path, env: DistEnv, keep_last: int, identity: RunIdentity | None = None,
+                 universal_folder: Path | None = None) -> None:
         self.folder, self.env, self.keep_last, self.identity = Path(folder), env, keep_last, identity
+        # Conversions for resuming on another number of processes (pipeline/universal.py): RunFolder.universal.
+        self.universal_folder = Path(universal_folder) if universal_folder else None
         self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ saving
@@ -216,8 +245,10 @@ class Checkpointer:
                 os.rename(staging, path)
         distributed.barrier(self.env)
         try:
-            engine.save_checkpoint(str(self.folder), tag=tag, client_state=state.to_client_state(),
-                                   save_latest=False)
+            # universal_checkpoint_info: DeepSpeed's converter to the universal format (a resume on another number
+            # of processes) requires the key; it lands in the model states file.
+            engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False,
+                                   client_state={**state.to_client_state(), "universal_checkpoint_info": {}})
             rng_file = path / f"rng_rank{self.env.rank:05d}.pt"
             torch.save(rng_state(), rng_file.with_suffix(".tmp"))
             os.replace(rng_file.with_suffix(".tmp"), rng_file)
@@ -257,6 +288,8 @@ class Checkpointer:
             ours = (entry / SAVING).is_file()  # adopted folders have a COMPLETE.json but were not written here
             if step is not None and ours and step not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
+        if self.universal_folder is not None:
+            remove_conversions(self.universal_folder, below=newest, step_of=_step_of)
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -294,8 +327,9 @@ class Checkpointer:
         """The COMPLETE.json of checkpoint `step`."""
         return json.loads((self.folder / tag_for(step) / MARKER).read_text())
 
-    def check_identity(self, step: int) -> None:
-        """Refuse a checkpoint of another model, dataset or world size, naming what differs."""
+    def check_identity(self, step: int) -> int | None:
+        """Refuse a checkpoint of another model, dataset or ZeRO stage, naming what differs; returns the world
+        size it was saved with (None when it records none), which may differ: `choose` converts."""
         stored = self.marker(step)["identity"]
         if isinstance(stored.get("model"), dict):
             # Model keys added since the checkpoint was written take their defaults, which is what it trained with.
@@ -303,13 +337,17 @@ class Checkpointer:
             stored["model"] = model_identity(model_config_from_dict(stored["model"]))
         current = self.identity.to_dict() if self.identity is not None else {}
         for key, value in current.items():
-            if key in stored and stored[key] != value:  # an adopted checkpoint records no identity
+            if key != "world_size" and key in stored and stored[key] != value:  # adopted ones record none
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))
+        return stored.get("world_size")
 
-    def load(self, engine: Any) -> TrainState | None:
-        """Load the newest usable checkpoint into `engine` and restore RNG; returns its training state, or None
-        when the run has no checkpoint. Checkpoints that exist but none of which loads are an error, not a
-        reason to start over silently; so are checkpoint folders this program did not write."""
+    def choose(self) -> Resume | None:
+        """The checkpoint to resume from, chosen before the engine exists (collective), or None for a new run.
+
+        The newest complete checkpoint whose files are intact, of this model and data, and free of code; a damaged
+        newer one is skipped with a warning. Saved by another number of processes under ZeRO 1-3, it is converted
+        to a universal checkpoint first (pipeline/universal.py). Checkpoints that exist but none of which is usable
+        are an error, not a reason to start over silently; so are checkpoint folders this program did not write."""
         steps = self.complete_steps()
         foreign = foreign_folders(self.folder)
         if foreign and not steps:
@@ -332,31 +370,89 @@ class Checkpointer:
         for step in reversed(steps):
             reason = self.damage_collective(step)
             if reason is None:
-                self.check_identity(step)
+                saved_world_size = self.check_identity(step)
                 self.check_safe(step)
-                try:
-                    _, client_state = engine.load_checkpoint(str(self.folder), tag=tag_for(step),
-                                                             load_optimizer_states=True,
-                                                             load_lr_scheduler_states=False)
-                    rng = safe_load.load(self.folder / tag_for(step) / f"rng_rank{self.env.rank:05d}.pt")
-                    ok = client_state is not None and "step" in client_state
-                    reason = None if ok else "not a pope-pretrain checkpoint (no step in its client state)"
-                except Exception as err:  # noqa: BLE001 - agreed over the ranks below, then reported
-                    reason, ok = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", False
-                reasons = [r for r in distributed.all_gather(reason, self.env) if r is not None]
-                if not reasons:
-                    set_rng_state(rng)
-                    self.metadata = {**self.marker(step).get("metadata", {}), **self.metadata}
-                    return TrainState.from_client_state(client_state)
-                # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
-                # damage. Falling back would train over it and later prune it, so the run stops instead.
-                raise ValueError(f"cannot load {self.folder / tag_for(step)}, whose files are intact: {reasons[0]}")
+                stage = self.identity.zero_stage if self.identity is not None else 0
+                universal = self._convert(step, saved_world_size) \
+                    if needs_conversion(stage, saved_world_size, self.env.world_size) else None
+                return Resume(step, saved_world_size or self.env.world_size, self.env.world_size, universal)
             if self.env.is_main:
                 warnings.warn(f"skipping damaged checkpoint {self.folder / tag_for(step)}: {reason}", stacklevel=2)
         if steps:
             raise ValueError(f"none of the {len(steps)} checkpoints in {self.folder} can be loaded (see the warnings); "
                              "move them away to keep them, or start over with --fresh")
         return None
+
+    def _convert(self, step: int, saved_world_size: int) -> Path:
+        """Rank 0 converts checkpoint `step` to RUN/universal/stepNNNNNNNN (or reuses a conversion of it); every
+        rank gets the folder, or the same error."""
+        if self.universal_folder is None:
+            raise ValueError(f"{self.folder} was saved by {saved_world_size} processes; resuming on "
+                             f"{self.env.world_size} needs a folder for the converted checkpoint")
+        target, error = self.universal_folder / tag_for(step), None
+        if self.env.is_main:
+            source = self.folder / tag_for(step)
+            record = {"step": step, "from_world_size": saved_world_size, "to_world_size": self.env.world_size,
+                      "zero_stage": self.identity.zero_stage if self.identity is not None else None}
+            try:
+                convert(source, target, hash_file(source / MARKER), record)
+            except (ValueError, OSError) as err:
+                error = " ".join(str(err).split())
+        error = distributed.broadcast(error, self.env)
+        if error is not None:
+            raise ValueError(error)
+        return target
+
+    def load(self, engine: Any, resume: Resume) -> TrainState:
+        """Load the chosen checkpoint into `engine`; returns its training state. Same world size: every process's
+        RNG states are restored too. Another one: they belong to processes that are gone, and are left to the
+        caller to seed (`reseed`)."""
+        tag = tag_for(resume.step)
+        rng = None
+        try:
+            if resume.universal is not None:
+                with loading_universal(engine):
+                    _, client_state = engine.load_checkpoint(str(resume.universal.parent), tag=resume.universal.name,
+                                                             load_optimizer_states=True,
+                                                             load_lr_scheduler_states=False)
+            else:
+                _, client_state = engine.load_checkpoint(str(self.folder), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=False)
+            if not resume.resharded:
+                rng = safe_load.load(self.folder / tag / f"rng_rank{self.env.rank:05d}.pt")
+            ok = client_state is not None and "step" in client_state
+            reason = None if ok else "not a pope-pretrain checkpoint (no step in its client state)"
+        except Exception as err:  # noqa: BLE001 - agreed over the ranks below, then reported
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        reasons = [r for r in distributed.all_gather(reason, self.env) if r is not None]
+        if reasons:
+            # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
+            # damage. Falling back would train over it and later prune it, so the run stops instead.
+            raise ValueError(f"cannot load {self.folder / tag}, whose files are intact: {reasons[0]}")
+        if rng is not None:
+            set_rng_state(rng)
+        self.metadata = {**self.marker(resume.step).get("metadata", {}), **self.metadata}
+        if resume.resharded:  # carried on in later saves: `pope status` tells the run's history
+            history = list(self.metadata.get("resharded", []))
+            history.append({"step": resume.step, "from_world_size": resume.saved_world_size,
+                            "to_world_size": resume.world_size, "universal": resume.universal is not None})
+            self.metadata["resharded"] = history
+        return TrainState.from_client_state(client_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Which checkpoint a run resumes from, and how: `universal` is its converted copy when the number of
+    processes changed under ZeRO 1-3 (None otherwise)."""
+
+    step: int
+    saved_world_size: int
+    world_size: int
+    universal: Path | None = None
+
+    @property
+    def resharded(self) -> bool:
+        return self.saved_world_size != self.world_size
 
 
 def _mismatch_message(key: str, stored: Any, current: Any, run_dir: Path) -> str:
@@ -368,10 +464,9 @@ def _mismatch_message(key: str, stored: Any, current: Any, run_dir: Path) -> str
     if key == "dataset":
         return f"cannot resume {run_dir}: its checkpoints were trained on other data (manifest {stored}, now " \
                f"{current}); {hint}"
-    if key == "world_size":
-        return (f"cannot resume {run_dir} on {current} processes: it was saved by {stored}, and ZeRO partitions "
-                f"optimizer state per process; run with {stored} processes, or convert the checkpoint with "
-                f"DeepSpeed's universal checkpoint tools")
+    if key == "zero_stage":
+        return (f"cannot resume {run_dir} with ZeRO-{current}: its checkpoints were saved by ZeRO-{stored}; set "
+                f"deepspeed.zero_stage={stored}, or {hint}")
     if key == "init":
         started = f"from {stored['from']}" + (f" step {stored['step']}" if stored.get("step") else "") \
             if stored else "from random weights"

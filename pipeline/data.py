@@ -41,6 +41,8 @@ from pipeline.config import Config, DataConfig
 from pipeline.distributed import DistEnv
 from pipeline.model import IGNORE_INDEX
 
+ID_KEY = "id"  # a batch's item (window) ids, beside its tokens
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -139,11 +141,12 @@ def _windowed_class() -> type:
             self.length = math.ceil(self.epoch_size / self._parallel_rank_world.num_ranks)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
+            """The window `sample_id` as {"tokens": window, "id": sample_id}: the id is what the training loop's
+            per-step digest of the samples it trained on is made of."""
             sample = super().get_item(sample_id, retry)
-            if self.per_sample == 1:
-                return sample
-            tokens = cut_window(sample[TOKENS_COLUMN], sample_id % self.per_sample, self.window_seq_len)
-            return {TOKENS_COLUMN: tokens}
+            tokens = sample[TOKENS_COLUMN] if self.per_sample == 1 else \
+                cut_window(sample[TOKENS_COLUMN], sample_id % self.per_sample, self.window_seq_len)
+            return {TOKENS_COLUMN: tokens, ID_KEY: sample_id}
 
     # Pickled by name into loader workers: it must be found as pipeline.data.WindowedStreamingDataset.
     WindowedStreamingDataset.__qualname__ = "WindowedStreamingDataset"
@@ -218,9 +221,20 @@ def count_windows(dataset: Dataset, cfg: DataConfig, split: str) -> WindowCount:
     return WindowCount(len(lengths), per_sample, int((per_sample - used).sum()), cfg.seq_len)
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, list[np.ndarray]]:
-    """Workers hand over the raw samples; a dict so StreamingDataLoader counts samples, not tokens."""
-    return {TOKENS_COLUMN: [s[TOKENS_COLUMN] for s in samples]}
+def _collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Workers hand over the raw samples and their item ids; a dict so StreamingDataLoader counts samples, not
+    tokens."""
+    return {TOKENS_COLUMN: [s[TOKENS_COLUMN] for s in samples], ID_KEY: [int(s[ID_KEY]) for s in samples]}
+
+
+def sample_digest(ids: list[int]) -> str:
+    """An order-free fingerprint of a step's item ids (all processes' together): xxh3-64 of the sorted ids.
+
+    The same step of two runs trained the same windows exactly when the digests agree, whatever the number of
+    processes or micro-batches they were spread over (see `pope train`'s metrics.jsonl, data/sample_digest)."""
+    import xxhash
+
+    return xxhash.xxh3_64(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
 
 
 def clean_stale_shared_memory(env: DistEnv) -> None:
@@ -291,10 +305,13 @@ class BatchMaker:
             raise ValueError(f"data.transpose needs the JSB tokenizer; {dataset.path} uses "
                              f"{dataset.manifest['tokenizer']['kind']}")
 
-    def __call__(self, samples: list[np.ndarray], step: int = 0, micro: int = 0, rank: int = 0,
+    def __call__(self, samples: list[np.ndarray], step: int = 0, ids: list[int] | None = None,
                  augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro, rank])
+        """`ids`: the windows' item ids. A window's augmentation draws from a generator of (seed, step, id), so it
+        does not depend on which process or micro-batch the window landed in: a run resumed on another number of
+        processes augments every window as the uninterrupted run would have."""
         batch = len(samples)
+        ids = list(range(batch)) if ids is None else ids
         inputs = torch.full((batch, self.seq_len), self.pad_id, dtype=torch.long)
         targets = torch.full((batch, self.seq_len), IGNORE_INDEX, dtype=torch.long)
         for row, sample in enumerate(samples):
@@ -305,7 +322,7 @@ class BatchMaker:
                 raise ValueError(f"a sample of {len(tokens)} tokens is longer than data.seq_len+1 with "
                                  f"data.loss_on=last: its final token would be cut off; raise data.seq_len")
             if augment:
-                tokens = self._augment(tokens, rng)
+                tokens = self._augment(tokens, np.random.default_rng([self.seed, step, int(ids[row])]))
             tokens = torch.from_numpy(tokens[: self.seq_len + 1])
             n = len(tokens) - 1
             inputs[row, :n] = tokens[:-1]

@@ -62,7 +62,7 @@ class Metrics:
             return
         if self.writer is not None and to_tensorboard:
             for tag, value in values.items():
-                if value is not None and math.isfinite(value):
+                if isinstance(value, (int, float)) and math.isfinite(value):  # not data/sample_digest
                     self.writer.add_scalar(tag, value, step)
         record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), **values}
         if "train/loss" in values:

@@ -2,6 +2,7 @@
 
     RUN/config.yaml          the config the run was started with (written by every `pope train` / `pope submit`)
     RUN/checkpoints/         pipeline/checkpoint.py's folders (stepNNNNNNNN/, latest)
+    RUN/universal/           checkpoints converted for a resume on another number of processes (pipeline/universal.py)
     RUN/tb/                  TensorBoard events (training; `pope eval length` adds its figures)
     RUN/metrics.jsonl        every step's record (pipeline/metrics.py)
     RUN/train.log            rank 0's progress lines
@@ -55,6 +56,11 @@ class RunFolder:
         return self.checkpoints / LATEST
 
     @property
+    def universal(self) -> Path:
+        """Universal-checkpoint conversions (stepNNNNNNNN/), while a resume on another world size needs one."""
+        return self.path / "universal"
+
+    @property
     def tb(self) -> Path:
         return self.path / "tb"
 
@@ -85,8 +91,9 @@ class RunFolder:
 
     @property
     def training_outputs(self) -> tuple[Path, ...]:
-        """What training writes, and `--fresh` removes: checkpoints, TensorBoard events, metrics, the log."""
-        return (self.checkpoints, self.tb, self.metrics, self.train_log)
+        """What training writes, and `--fresh` removes: checkpoints (and their conversions), TensorBoard events,
+        metrics, the log."""
+        return (self.checkpoints, self.universal, self.tb, self.metrics, self.train_log)
 
     def is_run(self) -> bool:
         return self.config.is_file()

@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import torch
 
+from data_prep.mds import TOKENS_COLUMN
 from pipeline import distributed, init_from
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import Checkpointer, reseed
 from pipeline.config import Config, load_config, model_identity, resolve
-from pipeline.data import (BatchMaker, batches_forever, clean_stale_shared_memory, count_windows, make_loader,
-                           open_dataset, windows_per_sample)
+from pipeline.data import (ID_KEY, BatchMaker, batches_forever, clean_stale_shared_memory, count_windows,
+                           make_loader, open_dataset, sample_digest, windows_per_sample)
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine, grad_norm, lr_multiplier, reduced_grad_norm, set_lr
 from pipeline.evaluate import evaluate
@@ -63,12 +64,13 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                            zero_stage=config.deepspeed.zero_stage,
                            windows_per_sample=windows_per_sample(dataset, config.data),
                            init=init_from.identity(config))
-    checkpoints = Checkpointer(run.checkpoints, env, config.checkpoint.keep_last, identity)
+    checkpoints = Checkpointer(run.checkpoints, env, config.checkpoint.keep_last, identity, run.universal)
     # init.from only starts a run: one with checkpoints resumes from them (or refuses, never starting over).
     if config.init.from_ and not checkpoints.complete_steps():
         record = init_from.init_weights(config, model)  # every rank, before DeepSpeed (ZeRO-3) partitions them
         checkpoints.metadata["init"] = record
         say(f"init: weights from {config.init.from_} step {record['step']} ({record['tensors']} tensors)")
+    resume = checkpoints.choose()  # before the engine: another world size converts the checkpoint first
     engine, accum = build_engine(model, config, env)
     torch.manual_seed(config.seed + 1 + env.rank)  # different dropout masks per rank
     clean_stale_shared_memory(env)
@@ -76,11 +78,19 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
     make_batch = BatchMaker(config, dataset)
 
     step, tokens_seen = 0, 0
-    resumed = checkpoints.load(engine)
-    if resumed is not None:
+    if resume is not None:
+        resumed = checkpoints.load(engine, resume)
         step, tokens_seen = resumed.step, resumed.tokens_seen
+        # The data position is global (samples of the epoch consumed by all processes together), so with the
+        # same global batch the stream continues where it stopped on any number of processes.
         loader.load_state_dict(resumed.loader)
         say(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+        if resume.resharded:
+            reseed(config.seed, step, env.rank)
+            how = f"converted to the universal checkpoint {resume.universal}" if resume.universal else \
+                "ZeRO-0 keeps the whole optimizer state in every process, no conversion needed"
+            say(f"world size changed: saved by {resume.saved_world_size} process(es), resumed on "
+                f"{resume.world_size}: {how}; each process's RNG (dropout) reseeded from (seed, step, rank)")
     else:
         say(f"starting {config.name}: {num_params:,} parameters, {config.model.position} positions, "
             f"{env.world_size} process(es), ZeRO-{config.deepspeed.zero_stage}, {config.deepspeed.precision}, "
@@ -122,9 +132,11 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=env.device)  # summed on the device: one sync per step, not per micro
             lr = config.optim.lr * schedule(step)
             set_lr(engine, lr)
+            step_ids: list[int] = []
             for micro in range(accum):
                 batch = next(batches)
-                inputs, targets = make_batch(batch["tokens"], step=step, micro=micro, rank=env.rank)
+                step_ids += batch[ID_KEY]
+                inputs, targets = make_batch(batch[TOKENS_COLUMN], step=step, ids=batch[ID_KEY])
                 _, loss = engine(inputs.to(env.device), targets.to(env.device))
                 engine.backward(loss)
                 loss_sum += loss.detach().float()
@@ -138,6 +150,9 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             last_loss = agreed.loss_sum / (accum * env.world_size)
             norm = grad_norm(engine, own_norm)
             record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": norm}
+            all_ids = [i for ids in distributed.all_gather(step_ids, env) for i in ids]  # a few hundred ints
+            if env.is_main:
+                record["data/sample_digest"] = sample_digest(all_ids)
             log_now = step % config.logging.log_every == 0 or step == max_steps
             if log_now:
                 rate = throughput.report()
