@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_pope
+from tests.conftest import metrics, run_pope
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)×\s+(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s*$")
 CHANGE = re.compile(r"PoPE's NLL (rose|fell) by (\d+\.\d+) nats \((\d+\.\d+) → (\d+\.\d+)\), "
                     r"RoPE's (rose|fell) by (\d+\.\d+) nats \((\d+\.\d+) → (\d+\.\d+)\)")
+TRAINED = re.compile(r"^   (jsb64_pope|jsb64_rope): \d+ s; validation NLL (\d+\.\d+)$", re.M)
 
 
 def test_demo_prints_the_length_table_and_writes_csv_and_png(tmp_path):
@@ -20,6 +23,24 @@ def test_demo_prints_the_length_table_and_writes_csv_and_png(tmp_path):
 
     proc = run_pope("demo", "--steps", "3", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"))
     out = proc.stdout
+
+    # 1/4: both corpora prepared (published: manifest and DONE), one tokenizer, whole pieces and 64-token windows.
+    manifests = {}
+    for name in ("jsb-whole", "jsb-64"):
+        folder = tmp_path / "data" / name
+        assert (folder / "DONE").is_file(), out
+        manifests[name] = json.loads((folder / "manifest.json").read_text())
+    assert (manifests["jsb-whole"]["seq_len"], manifests["jsb-64"]["seq_len"]) == (2047, 64)
+    assert manifests["jsb-whole"]["tokenizer"] == manifests["jsb-64"]["tokenizer"]
+    assert all(m["splits"]["val"]["samples"] > 0 for m in manifests.values())
+    # 2/4 and 3/4: each model trained its 3 steps, logged a finite loss each step and saved step 3.
+    for index, (name, position) in enumerate((("jsb64_pope", "pope"), ("jsb64_rope", "rope")), start=2):
+        assert f"== {index}/4  training {name}: {position}, 96 wide, 3 layers, 64-token windows, 3 steps" in out
+        losses = {m["step"]: m["train/loss"] for m in metrics(tmp_path / "runs" / name) if "train/loss" in m}
+        assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+        assert (tmp_path / "runs" / name / "checkpoints" / "step00000003" / "COMPLETE.json").is_file()
+    validation = dict(TRAINED.findall(out))
+    assert validation.keys() == {"jsb64_pope", "jsb64_rope"}, out
 
     rows = [m.groups() for m in map(ROW.match, out.splitlines()) if m]
     assert [int(r[0]) for r in rows] == [64, 128, 256, 512] and [int(r[1]) for r in rows] == [1, 2, 4, 8]
@@ -44,6 +65,14 @@ def test_demo_prints_the_length_table_and_writes_csv_and_png(tmp_path):
         assert verb == ("rose" if float(after) >= float(before) else "fell")
     assert re.search(r"validation NLL over every 64-token window", out)
     assert re.search(r"In distribution .* is better by \d+\.\d+ nats \(PoPE \d+\.\d+, RoPE \d+\.\d+\)", out)
+    at_last = re.search(r"At 8× the training length PoPE's NLL is (\d+\.\d+) nats (lower|higher) than RoPE's", out)
+    assert at_last, out
+    gap = float(rows[-1][3]) - float(rows[-1][4])
+    assert float(at_last.group(1)) == pytest.approx(abs(gap), abs=2e-3)
+    assert at_last.group(2) == ("lower" if gap < 0 else "higher") or abs(gap) < 1e-3  # 4-decimal rounding
+    # The table's in-distribution row is the validation NLL each training step printed.
+    row = re.search(r"^val NLL\s+(\d+\.\d+)\s+(\d+\.\d+)$", out, re.M)
+    assert row and row.groups() == (validation["jsb64_pope"], validation["jsb64_rope"]), out
 
     figure = re.search(r"Figure: (\S+\.png)", out)
     assert figure, out
