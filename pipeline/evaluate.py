@@ -6,10 +6,11 @@ import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from data_prep.mds import TOKENS_COLUMN
 from pipeline import distributed
-from pipeline.data import BatchMaker
+from pipeline.data import ID_KEY, BatchMaker
 from pipeline.distributed import DistEnv
 from pipeline.model import IGNORE_INDEX
 
@@ -19,25 +20,35 @@ def evaluate(forward: Callable[[torch.Tensor, torch.Tensor], Any], loader: Any, 
              env: DistEnv, max_batches: int = 0) -> dict[str, float]:
     """Mean loss per target token, its perplexity, and the accuracy of the most likely token at the targets (with
     data.loss_on=last: final-token accuracy, the indirect indexing metric). `forward(inputs, targets)` returns
-    (logits, mean loss). Every process must call this (the sums are all-reduced); `max_batches` (0: all) bounds
+    (logits, mean loss). Every process must call this (the sums are gathered); `max_batches` (0: all) bounds
     each process's share.
+
+    Every window counts once. streaming gives every process the same number of windows, so when the split does not
+    divide by the processes it repeats a few; the sums are kept per window id and merged over the processes, so a
+    repeated window is not counted twice.
     """
-    total_loss, total_tokens, correct = 0.0, 0, 0
+    scored: dict[int, tuple[float, int, int]] = {}  # window id -> (loss sum, target tokens, correct)
     for index, batch in enumerate(loader):
         if max_batches and index >= max_batches:
             break
         inputs, targets = make_batch(batch[TOKENS_COLUMN], augment=False)
-        count = int((targets != IGNORE_INDEX).sum())
         targets = targets.to(env.device)
-        logits, loss = forward(inputs.to(env.device), targets)
-        total_loss += float(loss) * count
-        total_tokens += count
-        correct += int(((logits.argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)).sum())
-    loss_sum, tokens, right = distributed.all_reduce_sum([total_loss, float(total_tokens), float(correct)], env)
+        logits, _ = forward(inputs.to(env.device), targets)
+        mask = targets != IGNORE_INDEX
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view_as(targets).sum(dim=1)
+        right = ((logits.argmax(dim=-1) == targets) & mask).sum(dim=1)
+        for row, window in enumerate(batch[ID_KEY]):
+            scored[int(window)] = (float(losses[row]), int(mask[row].sum()), int(right[row]))
+    merged: dict[int, tuple[float, int, int]] = {}
+    for share in distributed.all_gather(scored, env):
+        merged.update(share)
+    loss_sum = math.fsum(v[0] for v in merged.values())
+    tokens, right_total = sum(v[1] for v in merged.values()), sum(v[2] for v in merged.values())
     if tokens == 0:
         raise ValueError("the validation split produced no target token")
     mean = loss_sum / tokens
-    return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/accuracy": right / tokens,
+    return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/accuracy": right_total / tokens,
             "val/tokens": tokens}
 
 

@@ -59,7 +59,9 @@ class StageRuns:
             name = f"zero{stage}"
             run_pope(*tiny_train_args(self.dataset, self.root, name, f"deepspeed.zero_stage={stage}",
                                       f"schedule.max_steps={STEPS}", "schedule.warmup_steps=1",
-                                      f"checkpoint.every={STEPS}", "eval.every=0", "eval.max_batches=1",
+                                      f"checkpoint.every={STEPS}", "eval.every=0",
+                                      # ZeRO-0's final validation reads the whole val split (see below)
+                                      f"eval.max_batches={0 if stage == 0 else 1}",
                                       "logging.log_every=1", *FEWER_BATCHES))
             self.runs[stage] = self.root / name
         return self.runs[stage]
@@ -199,3 +201,20 @@ def test_tb_serves_the_runs_scalars_on_localhost_only(stage_runs, tmp_path):
         with contextlib.suppress(ProcessLookupError):  # whatever of its process group is left
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_validation_during_training_counts_every_window_once(stage_runs, val_batch):
+    """The training run's own validation (2 processes) of the whole val split: streaming gives both processes the
+    same number of windows, repeating one of the 343; the logged loss must still be the mean over each window once.
+    """
+    run = stage_runs(0)
+    logged = [m for m in metrics(run) if "val/loss" in m]
+    assert logged and logged[-1]["step"] == STEPS
+    inputs, targets = val_batch
+    assert len(inputs) % 2 == 1  # an odd split: the case that repeats a window
+    model = load_exported(exported(stage_runs, 0))
+    with torch.no_grad():
+        logits, _ = model(inputs)
+    scored = targets != NO_TARGET
+    loss = float(F.cross_entropy(logits[scored].double(), targets[scored]))
+    assert abs(logged[-1]["val/loss"] - loss) <= LOSS_TOL
