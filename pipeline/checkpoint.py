@@ -50,6 +50,7 @@ SAVING = "SAVING.json"
 LATEST = "latest"
 PREFIX = "step"
 HASH = "xxh3_128"
+CONVERT_HOURS = 6.0  # how long the other processes wait for rank 0 to convert a checkpoint (pipeline/universal.py)
 
 
 def tag_for(step: int) -> str:
@@ -124,6 +125,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- what is in a folder
+
+
+def written_by(files: Any) -> int | None:
+    """How many processes wrote a checkpoint, from the names of its files, for checkpoints whose COMPLETE.json
+    records no world size (adopted ones): one ZeRO optimizer shard per process under ZeRO 1-3, else one RNG file
+    per process; None when neither is there."""
+    names = [Path(name).name for name in files]
+    shards = sum(1 for n in names if "zero_pp_rank_" in n and n.endswith("optim_states.pt"))
+    return shards or sum(1 for n in names if n.startswith("rng_rank") and n.endswith(".pt")) or None
 
 
 def newest_marker(folder: Path) -> dict[str, Any] | None:
@@ -231,13 +241,21 @@ class Checkpointer:
         step = state.step
         tag = tag_for(step)
         path = self.folder / tag
-        if path.exists() and not (path / MARKER).is_file() and not (path / SAVING).is_file():
-            raise ValueError(f"{path} exists and was not written by this run; it is never overwritten: move it "
-                             "away, or adopt it with --adopt-checkpoints")
+        if path.exists() and not (path / SAVING).is_file():
+            adopted = (path / MARKER).is_file()
+            raise ValueError(f"{path} exists and was not written by this run{' (it was adopted)' if adopted else ''}; "
+                             "it is never overwritten: move it away" +
+                             ("" if adopted else ", or adopt it with --adopt-checkpoints"))
         distributed.barrier(self.env)  # every rank has looked before rank 0 marks the folder as its own
         if self.env.is_main:
-            if path.exists():  # ours: re-saving a step (a run resumed from an older checkpoint) unpublishes it
+            if path.exists():  # ours: re-saving a step (a run resumed from an older checkpoint)
+                # Unpublished first, then emptied but for SAVING.json: an earlier save of this step by more
+                # processes left files (ranks' optimizer shards, RNG states) that this save would not overwrite
+                # and COMPLETE.json would then vouch for.
                 (path / MARKER).unlink(missing_ok=True)
+                for item in path.iterdir():
+                    if item.name != SAVING:
+                        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
             else:  # the folder appears with its SAVING.json already inside: never a folder without a marker
                 staging = self.folder / f".{tag}.tmp-{os.getpid()}"
                 staging.mkdir(parents=True)
@@ -339,7 +357,7 @@ class Checkpointer:
         for key, value in current.items():
             if key != "world_size" and key in stored and stored[key] != value:  # adopted ones record none
                 raise ValueError(_mismatch_message(key, stored[key], value, self.folder.parent))
-        return stored.get("world_size")
+        return stored.get("world_size") or written_by(self.marker(step).get("files", {}))
 
     def choose(self) -> Resume | None:
         """The checkpoint to resume from, chosen before the engine exists (collective), or None for a new run.
@@ -390,15 +408,18 @@ class Checkpointer:
             raise ValueError(f"{self.folder} was saved by {saved_world_size} processes; resuming on "
                              f"{self.env.world_size} needs a folder for the converted checkpoint")
         target, error = self.universal_folder / tag_for(step), None
+        # The others wait for rank 0 in a group of their own with a long timeout: converting a large model on a
+        # shared file system can outlast the default process group's 30 minutes.
+        waiting = distributed.waiting_group(self.env, hours=CONVERT_HOURS)
         if self.env.is_main:
             source = self.folder / tag_for(step)
             record = {"step": step, "from_world_size": saved_world_size, "to_world_size": self.env.world_size,
                       "zero_stage": self.identity.zero_stage if self.identity is not None else None}
             try:
-                convert(source, target, hash_file(source / MARKER), record)
+                convert(source, target, hash_file(source / MARKER), record, file_record)
             except (ValueError, OSError) as err:
                 error = " ".join(str(err).split())
-        error = distributed.broadcast(error, self.env)
+        error = distributed.broadcast(error, self.env, group=waiting)
         if error is not None:
             raise ValueError(error)
         return target
@@ -428,7 +449,9 @@ class Checkpointer:
         if reasons:
             # Its files are intact (checksums): a failure here is the environment's (memory, versions), not
             # damage. Falling back would train over it and later prune it, so the run stops instead.
-            raise ValueError(f"cannot load {self.folder / tag}, whose files are intact: {reasons[0]}")
+            loaded = resume.universal if resume.universal is not None else self.folder / tag
+            remedy = " (a conversion of this run: remove it to convert again)" if resume.universal else ""
+            raise ValueError(f"cannot load {loaded}{remedy}, whose files are intact: {reasons[0]}")
         if rng is not None:
             set_rng_state(rng)
         self.metadata = {**self.marker(resume.step).get("metadata", {}), **self.metadata}

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,13 +89,21 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return tensor.tolist()
 
 
-def broadcast(value: object, env: DistEnv) -> object:
-    """Rank 0's (picklable, small) value on every rank."""
+def broadcast(value: object, env: DistEnv, group: Any = None) -> object:
+    """Rank 0's (picklable, small) value on every rank (over `group`, by default all processes)."""
     if env.world_size == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=group)
     return holder[0]
+
+
+def waiting_group(env: DistEnv, hours: float) -> Any:
+    """A gloo group of all processes whose operations time out after `hours`, for the others to wait on rank 0's
+    long work (a checkpoint conversion) in; collective. None with one process."""
+    if env.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
 
 
 def all_gather(value: object, env: DistEnv) -> list:

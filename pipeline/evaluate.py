@@ -38,8 +38,9 @@ def evaluate(forward: Callable[[torch.Tensor, torch.Tensor], Any], loader: Any, 
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none").view_as(targets).sum(dim=1)
         right = ((logits.argmax(dim=-1) == targets) & mask).sum(dim=1)
-        for row, window in enumerate(batch[ID_KEY]):
-            scored[int(window)] = (float(losses[row]), int(mask[row].sum()), int(right[row]))
+        rows = zip(batch[ID_KEY], losses.tolist(), mask.sum(dim=1).tolist(), right.tolist())  # one sync each
+        for window, loss_sum, count, correct in rows:
+            scored[int(window)] = (loss_sum, int(count), int(correct))
     merged: dict[int, tuple[float, int, int]] = {}
     for share in distributed.all_gather(scored, env):
         merged.update(share)

@@ -26,11 +26,12 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -50,38 +51,52 @@ def conversion_source(target: Path) -> dict[str, Any] | None:
         return None
 
 
-def convert(source: Path, target: Path, fingerprint: str, record: dict[str, Any], workers: int = 0) -> bool:
+def convert(source: Path, target: Path, fingerprint: str, record: dict[str, Any],
+            file_record: Callable[[Path], dict[str, Any]], workers: int = 0) -> bool:
     """Convert checkpoint folder `source` into a universal checkpoint at `target` (rank 0 only); returns False
-    when an earlier conversion of the same source (same `fingerprint`) is reused.
+    when an earlier conversion of the same source (same `fingerprint`) is reused, its files all unchanged.
 
     The converter writes into a hidden staging folder beside `target`, which becomes `target` only once it
-    succeeded and CONVERTED.json (with `record`) is inside: a crash leaves no folder that looks finished. Only
-    folders this program wrote are replaced or removed (staging folders of its naming, and conversions with a
-    CONVERTED.json)."""
+    succeeded and CONVERTED.json (with `record` and every file's `file_record`: size and checksum) is inside: a
+    crash leaves no folder that looks finished. Only folders this program wrote are replaced or removed (its
+    hidden staging and set-aside folders, and conversions with a CONVERTED.json)."""
     done = conversion_source(target)
-    if done is not None and done.get("fingerprint") == fingerprint:
+    if done is not None and done.get("fingerprint") == fingerprint and _intact(target, done, file_record):
         return False
     if target.exists() and done is None:
         raise ValueError(f"{target} exists and was not written by a conversion of this run; move it away")
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # ours, from a conversion that died
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # ours, from a conversion or replacement that died
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     workers = workers or max(1, min(4, (os.cpu_count() or 1) // 2))
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.universal", str(source), str(staging), str(workers)],
                           capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    (target.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer, to the staging name
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         last = next((line for line in reversed(proc.stderr.strip().splitlines()) if line.strip()), "no message")
         raise ValueError(f"converting {source} to a universal checkpoint failed: {last.strip()[:300]}")
+    files = {p.relative_to(staging).as_posix(): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     note = {**record, "fingerprint": fingerprint, "source": str(source), "seconds": round(time.time() - started, 1),
-            "converted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "converted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     (staging / CONVERTED).write_text(json.dumps(note, indent=1) + "\n")
-    if done is not None:  # an older conversion of another source at the same step: ours to replace
-        shutil.rmtree(target)
+    if target.exists():  # an older or damaged conversion of ours: set aside by a rename, then removed
+        aside = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     os.rename(staging, target)
     return True
+
+
+def _intact(target: Path, done: dict[str, Any], file_record: Callable[[Path], dict[str, Any]]) -> bool:
+    """Whether every file CONVERTED.json lists is there with its recorded size and checksum."""
+    listed = done.get("files")
+    if not isinstance(listed, dict) or not listed:
+        return False
+    return all((target / name).is_file() and (target / name).stat().st_size == entry.get("size")
+               and file_record(target / name) == entry for name, entry in listed.items())
 
 
 def remove_conversions(folder: Path, below: int, step_of: Any) -> None:
@@ -100,8 +115,9 @@ def loading_universal(engine: Any) -> Iterator[None]:
     """DeepSpeed's `checkpoint.load_universal` switched on for the loads inside the block only, and the optimizer's
     param-group hyperparameters kept as the run set them up.
 
-    The engine reads the switch when it loads (`engine.load_universal_checkpoint()`), and some of its save paths
-    read it too (ZeRO-3 would then write rank 0's states only, DeepSpeed #7546), so it is never left on. ZeRO-3's
+    The engine reads the switch when it loads (`engine.load_universal_checkpoint()`); DeepSpeed 0.19.8 reads it
+    nowhere else, but issue #7546 reports ZeRO-3 saves of an engine configured with it writing rank 0's states
+    only, so it is never left on. ZeRO-3's
     universal load copies the first param group's hyperparameters onto every group, which would give the
     no-decay group (norms, biases, δ) weight decay (their weights 3e-6 off after one step, measured).
     The groups' settings are the config's, so they are put back after the load (the learning rate is set every
@@ -130,6 +146,9 @@ def _main(argv: list[str]) -> int:
     from pipeline import safe_load
 
     source, target, workers = argv
+    # A preemption notice (SIGUSR2) reaches every process of the job step: this one finishes the conversion and
+    # the training process, which has noted the request, stops at its first step boundary with a checkpoint.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     safe_load.enforce()  # the converter calls torch.load(weights_only=False): refuse code all the same
     from deepspeed.checkpoint import ds_to_universal
 

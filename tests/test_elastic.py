@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from conftest import metrics, run_pope, tiny_train_args
+from pipeline.checkpoint import written_by
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +45,32 @@ def test_resume_on_another_number_of_processes(text_dataset, tmp_path, stage):
     (moved / "checkpoints").mkdir(parents=True)
     shutil.copytree(reference / "checkpoints" / "step00000002", moved / "checkpoints" / "step00000002")
     original = {p.relative_to(moved).as_posix(): p.read_bytes() for p in moved.rglob("*") if p.is_file()}
-    out = run_pope(*tiny_train_args(text_dataset, tmp_path, "moved", *common, "schedule.max_steps=4",
-                                    "launch.nproc=1", "data.micro_batch_size=4")).stdout
+    # Its step 4 too, damaged (a truncated file): skipped, and saved again over by the 1-process run, which must
+    # not leave the second process's files of the old save inside (COMPLETE.json would vouch for them).
+    shutil.copytree(reference / "checkpoints" / "step00000004", moved / "checkpoints" / "step00000004")
+    victim = moved / "checkpoints" / "step00000004" / "rng_rank00000.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    one = tiny_train_args(text_dataset, tmp_path, "moved", *common, "launch.nproc=1", "data.micro_batch_size=4")
+    if stage == 1:  # a conversion is reused only while its files are intact
+        run_pope(*one, "schedule.max_steps=2")  # converts step 2, trains nothing, saves nothing
+        converted = moved / "universal" / "step00000002" / "CONVERTED.json"
+        first = converted.stat().st_mtime_ns
+        listed = json.loads(converted.read_text())["files"]
+        assert listed and all(entry["size"] > 0 for entry in listed.values())
+        run_pope(*one, "schedule.max_steps=2")
+        assert converted.stat().st_mtime_ns == first  # reused
+        damaged = converted.parent / next(name for name in listed if name.endswith("exp_avg.pt"))
+        damaged.write_bytes(damaged.read_bytes()[:-8] + bytes(8))  # same size, other bytes
+        run_pope(*one, "schedule.max_steps=2")
+        assert converted.stat().st_mtime_ns != first  # converted again
+    out = run_pope(*one, "schedule.max_steps=4").stdout
     assert "world size changed: saved by 2 process(es), resumed on 1" in out
     # The checkpoint it resumed from is untouched: its files are byte for byte what the reference wrote.
     assert original == {name: (moved / name).read_bytes() for name in original}
     step4 = json.loads((moved / "checkpoints" / "step00000004" / "COMPLETE.json").read_text())
+    assert not [name for name in step4["files"] if "rank_1" in name or "rank00001" in name]
+    assert written_by(step4["files"]) == 1 and written_by(json.loads(
+        (moved / "checkpoints" / "step00000002" / "COMPLETE.json").read_text())["files"]) == 2
     assert step4["metadata"]["resharded"] == [{"step": 2, "from_world_size": 2, "to_world_size": 1,
                                                "universal": stage > 0}]
     if stage > 0:
