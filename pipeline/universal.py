@@ -8,14 +8,14 @@ When a run resumes on another world size (`Checkpointer.choose` sees the saved o
 checkpoint it resumes from into RUN/universal/stepNNNNNNNN with DeepSpeed's converter
 (`deepspeed.checkpoint.ds_to_universal`), in a child process that loads weights-only like every load of this
 project; the original checkpoint is only read. Every rank then loads the converted copy with DeepSpeed's
-`load_universal` switched on for that one call (`loading_universal`): left on, it would change how later
-checkpoints are written. The copy carries the client state (step, tokens seen, data position) along with the
-model states file. A conversion is reused while its CONVERTED.json names the same source checkpoint (by the
-checksum of its COMPLETE.json), and removed by the run once a newer checkpoint of its own is complete.
+`load_universal` switched on for that one call (`loading_universal`). The copy carries the client state (step,
+tokens seen, data position) along with the model states file. A conversion is reused while its CONVERTED.json
+names the same source checkpoint (by the checksum of its COMPLETE.json) and its files keep their recorded sizes
+and checksums, and removed by the run once a newer checkpoint of its own is complete.
 
 ZeRO-0 keeps the whole optimizer state in one file every process reads, so it resumes on any world size as is.
 What cannot carry over: each process's random state (dropout masks, python/numpy RNG), which belongs to ranks
-that may no longer exist. A converted resume reseeds every process from (seed, step, rank) instead and says so;
+that may no longer exist. Such a resume reseeds every process from (seed, step, rank) instead and says so;
 with dropout off (the default) the training is otherwise the same computation, regrouped.
 """
 
