@@ -227,14 +227,24 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {TOKENS_COLUMN: [s[TOKENS_COLUMN] for s in samples], ID_KEY: [int(s[ID_KEY]) for s in samples]}
 
 
-def sample_digest(ids: list[int]) -> str:
-    """An order-free fingerprint of a step's item ids (all processes' together): xxh3-64 of the sorted ids.
+def digest_terms(ids: list[int]) -> tuple[float, float]:
+    """This process's share of the step's sample digest: the sums of the two 32-bit halves of splitmix64(id) over
+    its window ids. Sums do not depend on order, so the processes' shares add up (in the step's one all-reduce,
+    pipeline/stopping.py) to the same terms however the windows were spread; float64 holds them exactly up to
+    2^21 windows per step."""
+    x = np.asarray(ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # uint64 arithmetic wraps, as splitmix64's
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    low, high = x & np.uint64(0xFFFFFFFF), x >> np.uint64(32)
+    return float(low.sum(dtype=np.float64)), float(high.sum(dtype=np.float64))
 
-    The same step of two runs trained the same windows exactly when the digests agree, whatever the number of
-    processes or micro-batches they were spread over (see `pope train`'s metrics.jsonl, data/sample_digest)."""
-    import xxhash
 
-    return xxhash.xxh3_64(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
+def sample_digest(terms: tuple[float, float]) -> str:
+    """The step's sample digest from the all-processes sums of `digest_terms`: two runs trained the same windows at
+    a step exactly when their digests agree (up to a hash collision), whatever the number of processes or
+    micro-batches (`pope train`'s metrics.jsonl, data/sample_digest)."""
+    return f"{int(terms[0]):x}-{int(terms[1]):x}"
 
 
 def clean_stale_shared_memory(env: DistEnv) -> None:

@@ -70,15 +70,17 @@ class StepAgreement:
     loss_sum: float  # the micro-batch losses summed over every rank
     stop: bool  # a stop was requested on some rank: save, then stop
     requeue: bool  # ... by SIGUSR2, which asks to be continued
+    digest_terms: tuple[float, float]  # pipeline.data.digest_terms summed over every rank
 
 
-def agree(loss_sum: float, stop: StopFlag, env: DistEnv, step: int) -> StepAgreement:
-    """Collective, before the update of step `step` + 1: share this rank's loss and flags; raise NonFiniteLoss on
-    every rank when the loss is not finite on any."""
-    total, bad, stops, requeues = distributed.all_reduce_sum(
+def agree(loss_sum: float, digest_terms: tuple[float, float], stop: StopFlag, env: DistEnv,
+          step: int) -> StepAgreement:
+    """Collective, before the update of step `step` + 1, in one all-reduce: share this rank's loss, its share of the
+    sample digest and its flags; raise NonFiniteLoss on every rank when the loss is not finite on any."""
+    total, bad, stops, requeues, low, high = distributed.all_reduce_sum(
         [loss_sum, 0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if stop.requested else 0.0,
-         1.0 if stop.requeue else 0.0], env)
+         1.0 if stop.requeue else 0.0, *digest_terms], env)
     if bad:
         raise NonFiniteLoss(f"non-finite loss at step {step + 1} (on {int(bad)} rank(s)); stopped before the "
                             f"update, nothing after step {step} was saved")
-    return StepAgreement(total, bool(stops), bool(requeues))
+    return StepAgreement(total, bool(stops), bool(requeues), (low, high))

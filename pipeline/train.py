@@ -22,7 +22,7 @@ from pipeline import distributed, init_from
 from pipeline.checkpoint import Checkpointer, reseed
 from pipeline.config import Config, load_config, model_identity, resolve
 from pipeline.data import (ID_KEY, BatchMaker, batches_forever, clean_stale_shared_memory, count_windows,
-                           make_loader, open_dataset, sample_digest, windows_per_sample)
+                           digest_terms, make_loader, open_dataset, sample_digest, windows_per_sample)
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine, grad_norm, lr_multiplier, reduced_grad_norm, set_lr
 from pipeline.evaluate import evaluate
@@ -141,7 +141,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
                 engine.backward(loss)
                 loss_sum += loss.detach().float()
                 if micro == accum - 1:  # before the update: agree on the loss, non-finite, stop
-                    agreed = agree(float(loss_sum), stop, env, step)
+                    agreed = agree(float(loss_sum), digest_terms(step_ids), stop, env, step)
                     own_norm = reduced_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
                 engine.step()
             step += 1
@@ -150,9 +150,7 @@ def train(config: Config, env: DistEnv) -> dict[str, Any]:
             last_loss = agreed.loss_sum / (accum * env.world_size)
             norm = grad_norm(engine, own_norm)
             record = {"train/loss": last_loss, "train/lr": lr, "train/grad_norm": norm}
-            all_ids = [i for ids in distributed.all_gather(step_ids, env) for i in ids]  # a few hundred ints
-            if env.is_main:
-                record["data/sample_digest"] = sample_digest(all_ids)
+            record["data/sample_digest"] = sample_digest(agreed.digest_terms)
             log_now = step % config.logging.log_every == 0 or step == max_steps
             if log_now:
                 rate = throughput.report()
